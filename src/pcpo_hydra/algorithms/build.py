@@ -1,0 +1,85 @@
+"""`build_algorithm`: the algorithm config node -> a policy-gradient loss plus an advantage estimator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from pcpo_hydra.algorithms.advantages import PerPromptStatTracker, clip_advantages, group_advantages
+from pcpo_hydra.algorithms.policy_gradient import PolicyGradient
+
+
+class AdvantageEstimator(Protocol):
+    def __call__(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, int]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class GroupRelative:
+    """GRPO: normalise each reward within its prompt's group of consecutive samples."""
+
+    group_size: int
+    clip: float
+
+    def __call__(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, int]:
+        advantages, nonfinite = group_advantages(rewards, self.group_size)
+        return clip_advantages(advantages, self.clip), nonfinite
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PerPrompt:
+    """DDPO: normalise by running per-prompt statistics that persist across epochs."""
+
+    def __init__(self, buffer_size: int, min_count: int, clip: float) -> None:
+        self.tracker = PerPromptStatTracker(buffer_size, min_count)
+        self.clip = clip
+
+    def __call__(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, int]:
+        finite = torch.isfinite(rewards)
+        advantages = torch.zeros_like(rewards)
+        kept = [p for p, ok in zip(prompts, finite.tolist()) if ok]
+        advantages[finite] = self.tracker.update(kept, rewards[finite]).to(rewards)
+        return clip_advantages(advantages, self.clip), int((~finite).sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state)
+
+
+@dataclass
+class Algorithm:
+    policy: PolicyGradient
+    advantages: AdvantageEstimator
+
+
+def build_algorithm(
+    objective: str,
+    log_ratio: str,
+    credit: str,
+    credit_mode: str | None,
+    clip_range: float,
+    adv_clip_max: float,
+    advantage: str,
+    stat_buffer_size: int,
+    stat_min_count: int,
+    group_size: int,
+) -> Algorithm:
+    """Hydra target of conf/algorithm/*.yaml; `group_size` comes from the rollout config."""
+    policy = PolicyGradient(objective, log_ratio, credit, credit_mode, clip_range, adv_clip_max)
+    estimator: AdvantageEstimator = (
+        GroupRelative(group_size, adv_clip_max)
+        if advantage == "group"
+        else PerPrompt(stat_buffer_size, stat_min_count, adv_clip_max)
+    )
+    return Algorithm(policy, estimator)

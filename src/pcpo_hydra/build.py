@@ -1,0 +1,88 @@
+"""Build a run's parts from a validated config and drive the trainer, MLflow run included."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pcpo_hydra.checkpoint import latest_checkpoint, load_checkpoint
+from pcpo_hydra.distributed import build_accelerator, seed_everything, weight_dtype
+from pcpo_hydra.loop import Components, Trainer
+from pcpo_hydra.tracking import flatten_config, git_commit
+
+log = logging.getLogger(__name__)
+
+
+def accumulation_steps(cfg: DictConfig) -> int:
+    """Backward passes per optimizer step: micro-batches per update x trained steps per sample."""
+    samples = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
+    micro_batches = samples // cfg.train.batch_size // cfg.train.num_updates
+    return micro_batches * max(1, int(cfg.sampler.num_steps * cfg.train.timestep_fraction))
+
+
+def build_components(cfg: DictConfig, accelerator) -> Components:
+    """Instantiate model, sampler, reward, algorithm and prompts; prepare what trains."""
+    model = instantiate(cfg.model, _convert_="all")
+    model.to(accelerator.device, weight_dtype(cfg.hardware))
+    algorithm = instantiate(cfg.algorithm, group_size=cfg.rollout.group_size)
+    sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))
+    optimizer = torch.optim.AdamW(
+        model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
+    )
+    model.network, optimizer = accelerator.prepare(model.network, optimizer)
+    reward = instantiate(cfg.reward)
+    prompts = instantiate(cfg.prompts)
+    return Components(model, sampler, reward, algorithm, prompts, optimizer)
+
+
+def run_tags(choices: dict[str, str], overrides: list[str]) -> dict[str, str]:
+    """What a user filters runs by in the MLflow UI."""
+    tags = {group: str(choices.get(group)) for group in
+            ("algorithm", "model", "sampler", "reward", "hardware", "prompts", "experiment")}
+    tags["overrides"] = " ".join(overrides) or "(none)"
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str]) -> float:
+    """Train one run in `run_dir`; resumes from its latest checkpoint when `cfg.resume` is set."""
+    seed_everything(cfg.seed)
+    accelerator = build_accelerator(cfg.hardware, accumulation_steps(cfg))
+    parts = build_components(cfg, accelerator)
+    tracker = instantiate(cfg.logger) if accelerator.is_main_process else None
+    trainer = Trainer(cfg, parts, accelerator, tracker, run_dir)
+    run_id = None
+    if cfg.resume is not None:
+        checkpoint = latest_checkpoint(run_dir)
+        state = load_checkpoint(checkpoint, parts.model, parts.optimizer)
+        trainer.load_state_dict(state)
+        run_id = state["mlflow_run_id"]
+        log.info("resumed %s at epoch %d", checkpoint, trainer.epoch)
+    status = "FAILED"
+    try:
+        if tracker is not None:
+            tracker.start(run_id, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+                          {**run_tags(choices, overrides), "run_dir": str(run_dir)})
+            trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
+            if run_id is None:
+                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        result = trainer.fit()
+        if tracker is not None:
+            final = run_dir / "final_weights"
+            parts.model.save_trainable(final)
+            tracker.log_artifact(final, "weights")
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.end(status)

@@ -1,0 +1,205 @@
+"""Schemas of every config node. A group's node is checked against the schema its `_target_` names.
+
+Only plain dataclasses here (no torch), so validation runs in well under a second, before any
+model is built. Field defaults mirror conf/; the YAML files stay the source of every default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from pcpo_hydra.config.checks import at_least, checked, interval, one_of, positive
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoraSchema:
+    enabled: bool = True
+    rank: int = checked(4, positive())
+    alpha: float = checked(4.0, positive())
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class StableDiffusionSchema:
+    _target_: str = "pcpo_hydra.models.stable_diffusion.load_stable_diffusion"
+    pretrained: str = MISSING
+    revision: Optional[str] = None
+    resolution: int = checked(512, positive())
+    guidance_scale: float = checked(5.0, at_least(1.0))
+    gradient_checkpointing: bool = False
+    lora: LoraSchema = field(default_factory=LoraSchema)
+
+
+@dataclass
+class TinyStableDiffusionSchema:
+    _target_: str = "pcpo_hydra.models.tiny.build_tiny_sd"
+    seed: int = 0
+    resolution: int = checked(64, positive())
+    guidance_scale: float = checked(5.0, at_least(1.0))
+    lora: LoraSchema = field(default_factory=LoraSchema)
+
+
+# -------------------------------------------------------------------------------------- sampler
+
+
+@dataclass
+class DDIMSamplerSchema:
+    _target_: str = "pcpo_hydra.samplers.build_ddim_sampler"
+    num_steps: int = checked(50, positive())
+    eta: float = checked(1.0, interval(0.0, 1.0, low_open=True))
+
+
+# --------------------------------------------------------------------------------------- reward
+
+
+@dataclass
+class JpegRewardSchema:
+    _target_: str = MISSING
+    batch_size: int = checked(32, positive())
+    quality: int = checked(95, interval(1, 100))
+
+
+# ------------------------------------------------------------------------------------ algorithm
+
+
+@dataclass
+class AlgorithmSchema:
+    _target_: str = "pcpo_hydra.algorithms.build.build_algorithm"
+    objective: str = checked("log_hinge", one_of("ratio", "log_hinge"))
+    log_ratio: str = checked("matching", one_of("direct", "matching"))
+    credit: str = checked("proportional", one_of("native", "proportional"))
+    credit_mode: Optional[str] = checked(None, one_of("variance", "reweight"))
+    clip_range: float = checked(1e-4, positive())
+    adv_clip_max: float = checked(5.0, positive())
+    advantage: str = checked("group", one_of("group", "per_prompt"))
+    stat_buffer_size: int = checked(32, positive())
+    stat_min_count: int = checked(16, positive())
+
+
+# ------------------------------------------------------------------------- hardware, prompts, logger
+
+
+@dataclass
+class HardwareSchema:
+    device: str = checked("cpu", one_of("cpu", "cuda"))
+    mixed_precision: str = checked("no", one_of("no", "fp16", "bf16"))
+    num_threads: Optional[int] = checked(None, positive())
+
+
+@dataclass
+class SimpleAnimalsSchema:
+    _target_: str = "pcpo_hydra.prompts.simple_animals"
+
+
+@dataclass
+class ActivitiesSchema:
+    _target_: str = "pcpo_hydra.prompts.activities"
+    activities: list[str] = MISSING
+
+
+@dataclass
+class PromptListSchema:
+    _target_: str = "pcpo_hydra.prompts.from_list"
+    name: str = MISSING
+    prompts: list[str] = MISSING
+
+
+@dataclass
+class PromptFileSchema:
+    _target_: str = "pcpo_hydra.prompts.from_file"
+    path: str = MISSING
+
+
+@dataclass
+class MLflowSchema:
+    _target_: str = "pcpo_hydra.tracking.MLflowTracker"
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "pcpo-hydra"
+    run_name: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------- top level
+
+
+@dataclass
+class RolloutSchema:
+    prompts_per_epoch: int = checked(8, positive())
+    group_size: int = checked(4, at_least(2))
+    batch_size: int = checked(16, positive())
+
+
+@dataclass
+class TrainSchema:
+    batch_size: int = checked(8, positive())
+    inner_epochs: int = checked(1, positive())
+    timestep_fraction: float = checked(1.0, interval(0.0, 1.0, low_open=True))
+    num_updates: int = checked(1, positive())
+    max_grad_norm: float = checked(1.0, positive())
+
+
+@dataclass
+class OptimSchema:
+    lr: float = checked(3e-4, positive())
+    weight_decay: float = checked(1e-4, at_least(0.0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = checked(1e-8, positive())
+
+
+@dataclass
+class RunSchema:
+    """Top-level keys; the groups are checked by their own schemas (GROUP_SCHEMAS)."""
+
+    seed: int = 0
+    epochs: int = checked(20, positive())
+    resume: Optional[str] = None
+    run_name: Optional[str] = None
+    checkpoint_every: int = checked(5, at_least(0))
+    keep_checkpoints: int = checked(2, positive())
+    log_images_every: int = checked(5, at_least(0))
+    rollout: RolloutSchema = field(default_factory=RolloutSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    # Group nodes: typed here as Any, then checked against the schema their `_target_` names.
+    model: Any = None
+    sampler: Any = None
+    reward: Any = None
+    algorithm: Any = None
+    hardware: Any = None
+    prompts: Any = None
+    logger: Any = None
+
+
+# A group's schemas, keyed by the `_target_` a node names; None keys a group without `_target_`.
+GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
+    "model": {
+        StableDiffusionSchema._target_: StableDiffusionSchema,
+        TinyStableDiffusionSchema._target_: TinyStableDiffusionSchema,
+    },
+    "sampler": {DDIMSamplerSchema._target_: DDIMSamplerSchema},
+    "reward": {
+        "pcpo_hydra.rewards.jpeg.JpegCompressibility": JpegRewardSchema,
+        "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,
+    },
+    "algorithm": {AlgorithmSchema._target_: AlgorithmSchema},
+    "hardware": {None: HardwareSchema},
+    "prompts": {
+        schema._target_: schema
+        for schema in (SimpleAnimalsSchema, ActivitiesSchema, PromptListSchema, PromptFileSchema)
+    },
+    "logger": {MLflowSchema._target_: MLflowSchema},
+}
+
+
+def schema_for(group: str, node: Any) -> type:
+    """The schema a group node must follow, chosen by its `_target_`."""
+    schemas = GROUP_SCHEMAS[group]
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if target in schemas:
+        return schemas[target]
+    known = ", ".join(repr(t) for t in schemas if t is not None) or "(none: this group takes no _target_)"
+    raise KeyError(f"{group}._target_={target!r}: must be one of {known}")

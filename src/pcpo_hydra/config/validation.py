@@ -1,0 +1,95 @@
+"""`validate(cfg)`: type-check every node against its schema and check every bound, all at once.
+
+All problems are collected and reported together, each naming the key, the bad value and what is
+allowed, so one failed launch tells the user everything to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from pcpo_hydra.config.checks import violations
+from pcpo_hydra.config.schemas import GROUP_SCHEMAS, RunSchema, schema_for
+
+
+class ConfigError(ValueError):
+    """Raised before any heavy work when the composed config is invalid."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+def _typed(schema: type, node: DictConfig, prefix: str, problems: list[str]) -> DictConfig | None:
+    """Merge `node` onto its schema (types, unknown keys, missing values) and check field bounds."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        problems.extend(violations(OmegaConf.to_object(merged), prefix))
+        return merged
+    except OmegaConfBaseException as exc:
+        key = f"{prefix}.{exc.full_key}" if prefix and exc.full_key else prefix or exc.full_key
+        message = str(exc.msg).splitlines()[0]
+        if isinstance(exc, ConfigKeyError):
+            message += "; allowed keys: " + ", ".join(k for k in schema.__dataclass_fields__ if k != "_target_")
+        problems.append(f"{key}: {message}")
+        return None
+
+
+def _check_group(group: str, cfg: DictConfig, problems: list[str]) -> DictConfig | None:
+    node = cfg[group]
+    try:
+        schema = schema_for(group, node)
+    except KeyError as exc:
+        problems.append(str(exc.args[0]))
+        return None
+    return _typed(schema, node, group, problems)
+
+
+def _cross_checks(cfg: DictConfig) -> list[str]:
+    """Relations between keys that no single field can check."""
+    problems = []
+    rollout, train = cfg.rollout, cfg.train
+    total = rollout.prompts_per_epoch * rollout.group_size
+    where = f"rollout.prompts_per_epoch x rollout.group_size = {total} images per epoch"
+    if total % rollout.batch_size:
+        problems.append(f"rollout.batch_size={rollout.batch_size}: must divide {where}")
+    if total % train.batch_size:
+        problems.append(f"train.batch_size={train.batch_size}: must divide {where}")
+    elif (total // train.batch_size) % train.num_updates:
+        problems.append(
+            f"train.num_updates={train.num_updates}: must divide the {total // train.batch_size} "
+            f"training micro-batches per inner epoch ({where} / train.batch_size)"
+        )
+    trained = int(cfg.sampler.num_steps * train.timestep_fraction)
+    if trained < 1:
+        problems.append(
+            f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
+            f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
+        )
+    if cfg.resume is not None and not (Path(cfg.resume) / "checkpoints").is_dir():
+        problems.append(f"resume={cfg.resume!r}: not a run directory with a checkpoints/ folder")
+    return problems
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return `cfg` with every node typed by its schema, or raise ConfigError listing all problems."""
+    problems: list[str] = []
+    try:  # resolve once at the root, so group nodes can be checked on their own
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as exc:
+        raise ConfigError([f"{exc.full_key}: {exc.msg}"]) from None
+    typed = _typed(RunSchema, cfg, "", problems)
+    groups = {group: _check_group(group, cfg, problems) for group in GROUP_SCHEMAS}
+    if problems or typed is None or any(node is None for node in groups.values()):
+        raise ConfigError(problems)
+    for group, node in groups.items():
+        typed[group] = node
+    problems.extend(_cross_checks(typed))
+    if problems:
+        raise ConfigError(problems)
+    OmegaConf.set_readonly(typed, True)
+    return typed

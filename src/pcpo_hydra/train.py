@@ -1,0 +1,44 @@
+"""`pcpo-train`: compose the config, validate it, build the parts, run the loop.
+
+Everything heavy is imported inside `run`, after validation, so `--help` and `--cfg job` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pcpo_hydra.config import ConfigError, validate
+
+
+def config_dir() -> str:
+    """conf/ inside an installed wheel, else the top-level conf/ of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"no conf/train.yaml next to {here} or in the source tree")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Train one run; returns the final mean reward (what a Hydra sweeper optimises)."""
+    try:
+        cfg = validate(cfg)
+    except ConfigError as exc:
+        print(f"pcpo-train: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from hydra.core.hydra_config import HydraConfig
+
+    from pcpo_hydra.build import run
+
+    hydra_cfg = HydraConfig.get()
+    choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
+    return run(cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task))
+
+
+if __name__ == "__main__":
+    main()

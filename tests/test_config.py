@@ -1,0 +1,118 @@
+"""Composition of every group option, and the errors a bad config gives before any model is built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.train import config_dir
+
+GROUPS = ("model", "sampler", "reward", "algorithm", "hardware", "prompts", "logger", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g) if (g, o) != ("prompts", "file")]
+)
+def test_every_group_option_composes_and_validates(compose_cfg, override):
+    cfg = validate(compose_cfg(override))
+    group, option = override.split("=")
+    if group not in ("hardware", "experiment"):
+        assert cfg[group]._target_.startswith("pcpo_hydra.")
+
+
+def test_prompt_file_option_needs_its_path(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"prompts.path"):
+        validate(compose_cfg("prompts=file"))
+    listing = tmp_path / "mine.txt"
+    listing.write_text("a red apple\n\na blue car\n")
+    assert validate(compose_cfg("prompts=file", f"prompts.path={listing}")).prompts.path == str(listing)
+
+
+def test_defaults_are_the_embedded_cpu_run(compose_cfg):
+    cfg = validate(compose_cfg())
+    assert cfg.model._target_.endswith("build_tiny_sd")
+    assert cfg.algorithm.objective == "log_hinge" and cfg.algorithm.credit == "proportional"
+    assert cfg.hardware.device == "cpu"
+
+
+def test_grpo_and_pcpo_differ_in_exactly_the_three_switches(compose_cfg):
+    grpo, pcpo = (validate(compose_cfg(f"algorithm={a}")).algorithm for a in ("grpo", "pcpo"))
+    differing = {k for k in grpo if grpo[k] != pcpo[k]}
+    assert differing == {"objective", "log_ratio", "credit"}
+    assert (grpo.objective, grpo.log_ratio, grpo.credit) == ("ratio", "direct", "native")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["algorithm.clip_range=-1"], "algorithm.clip_range=-1.0: must be a number > 0"),
+        (["algorithm.objective=ppo"], "algorithm.objective='ppo': must be one of 'ratio', 'log_hinge'"),
+        (["sampler.num_steps=0"], "sampler.num_steps=0: must be a number > 0"),
+        (["train.timestep_fraction=0"], "train.timestep_fraction=0.0: must be a number in (0.0, 1.0]"),
+        (["train.timestep_fraction=1.5"], "train.timestep_fraction=1.5: must be a number in (0.0, 1.0]"),
+        (["rollout.group_size=1"], "rollout.group_size=1: must be a number >= 2"),
+        (["rollout.batch_size=5"], "rollout.batch_size=5: must divide rollout.prompts_per_epoch x rollout.group_size = 32"),
+        (["train.batch_size=3"], "train.batch_size=3: must divide"),
+        (["train.num_updates=3"], "train.num_updates=3: must divide the 4 training micro-batches"),
+        (["rollout.group_size=abc"], "rollout.group_size"),
+        (["+algorithm.temperature=2"], "algorithm.temperature"),
+        (["model.lora.rank=0"], "model.lora.rank=0: must be a number > 0"),
+        (["hardware.mixed_precision=fp8"], "hardware.mixed_precision='fp8': must be one of"),
+        (["resume=/nonexistent/run"], "resume='/nonexistent/run': not a run directory"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(compose_cfg, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(*overrides))
+    assert expected in str(info.value)
+
+
+def test_all_problems_are_reported_at_once(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg("algorithm.clip_range=0", "sampler.eta=2"))
+    assert len(info.value.problems) == 2
+
+
+def test_unknown_group_option_is_a_hydra_error_listing_the_options(compose_cfg):
+    with pytest.raises(MissingConfigException, match="algorithm"):
+        compose_cfg("algorithm=ppo")
+
+
+def test_validated_config_is_read_only(compose_cfg):
+    cfg = validate(compose_cfg())
+    with pytest.raises(Exception):
+        cfg.epochs = 3
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    code = (
+        "import sys; from pcpo_hydra.train import main\n"
+        f"sys.argv = ['pcpo-train', *{list(args)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'TORCH_NOT_IMPORTED')\n"
+        "sys.exit(code)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_value_fails_fast_without_importing_torch():
+    result = run_cli("algorithm.clip_range=-1", "hydra.run.dir=/tmp/pcpo-hydra-test-bad-cfg")
+    assert result.returncode == 2
+    assert "algorithm.clip_range=-1.0: must be a number > 0" in result.stderr
+    assert "TORCH_NOT_IMPORTED" in result.stdout
+
+
+def test_help_and_cfg_job_do_not_import_torch():
+    for args in (["--help"], ["--cfg", "job"]):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert "TORCH_NOT_IMPORTED" in result.stdout
