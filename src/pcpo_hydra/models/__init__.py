@@ -1,0 +1,29 @@
+"""Policy adapters: text encoding, the network call with guidance, latents -> images, and loading.
+
+Names resolve on first access, so importing the package (as `pcpo-train --help` does) never pulls
+in torch, diffusers or transformers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "PolicyModel": "base",
+    "ModelLoadError": "loading",
+    "LoraSettings": "trainable",
+    "StableDiffusionPolicy": "stable_diffusion",
+    "load_stable_diffusion": "stable_diffusion",
+    "build_tiny_sd": "tiny",
+    "save_tiny_sd": "tiny",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines `name` only when someone asks for it."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

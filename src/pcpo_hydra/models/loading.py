@@ -1,0 +1,78 @@
+"""`from_pretrained` with one clear error for every way a component can be missing.
+
+A library's own failure (no network, HF_HUB_OFFLINE with an empty cache, a typo in a path) surfaces
+deep in its download code, or not at all: transformers 5 returns an empty tokenizer when it finds
+no files. Users need the model id, the component and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class ModelLoadError(RuntimeError):
+    """Pretrained weights could not be found locally or fetched from the hub."""
+
+
+def looks_like_path(pretrained: str) -> bool:
+    """True for anything the hub would reject as a repo id (absolute, relative or home paths)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1:
+        return True
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
+        return True
+    return False
+
+
+def load_error(pretrained: str, component: str | None, revision: str | None, reason: str) -> ModelLoadError:
+    """The error users see: what failed, why in one line, and the override that fixes it."""
+    from huggingface_hub import is_offline_mode
+
+    what = f"the {component} of model" if component else "model"
+    source = repr(pretrained) + (f" (revision {revision!r})" if revision else "")
+    hub = not looks_like_path(pretrained)
+    offline = ""
+    if hub and is_offline_mode():
+        offline = "HF_HUB_OFFLINE is set and the files are not in the local cache. "
+    fix = (
+        "Fix: set model.pretrained=/path/to/local/pipeline/dir (a folder saved with save_pretrained, "
+        "holding unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+    )
+    if hub:
+        fix += (
+            f", or make the Hugging Face Hub reachable (unset HF_HUB_OFFLINE) / pre-download it with "
+            f"`hf download {pretrained}` (older huggingface_hub: `huggingface-cli download {pretrained}`)"
+        )
+    return ModelLoadError(f"Cannot load {what} {source}. {offline}Reason: {reason.rstrip('.')}. {fix}.")
+
+
+def _first_line(error: BaseException) -> str:
+    """The library's own reason, short enough to read inside our message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def check_source(pretrained: str, revision: str | None = None) -> None:
+    """Fail before any download when `pretrained` names a local folder that does not exist."""
+    local = Path(pretrained).expanduser()
+    if not local.exists() and looks_like_path(pretrained):
+        reason = f"no such local directory {str(local)!r}, and not a hub id"
+        raise load_error(pretrained, None, revision, reason)
+
+
+def load_component(loader: Any, pretrained: str, subfolder: str, revision: str | None = None) -> Any:
+    """`loader.from_pretrained(pretrained, subfolder=...)`, re-raised as ModelLoadError on failure."""
+    local = Path(pretrained).expanduser()
+    if local.is_dir() and not (local / subfolder).is_dir():
+        raise load_error(pretrained, subfolder, revision, f"the local folder has no {subfolder}/ subfolder")
+    source = str(local) if local.is_dir() else pretrained
+    try:
+        return loader.from_pretrained(source, subfolder=subfolder, revision=revision)
+    except (OSError, ValueError) as error:
+        # The reason line carries the library's message; its deep traceback helps no one.
+        raise load_error(pretrained, subfolder, revision, _first_line(error)) from None

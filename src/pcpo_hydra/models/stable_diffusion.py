@@ -1,0 +1,135 @@
+"""Stable Diffusion 1.x as a policy: CLIP text encoder, UNet denoiser (epsilon), KL-VAE, DDIM schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from pcpo_hydra.models.base import PolicyModel
+from pcpo_hydra.models.loading import check_source, load_component, load_error
+from pcpo_hydra.models.trainable import LoraWeights, trainable_weights
+
+
+class StableDiffusionPolicy(PolicyModel):
+    """Text -> CLIP embeddings -> UNet epsilon under guidance; latents -> VAE -> images.
+
+    VAE and text encoder are always frozen; the UNet trains whole or through LoRA (`lora`).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDIMScheduler,
+        *,
+        resolution: int | None = None,
+        guidance_scale: float = 5.0,
+        lora: Mapping[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(unet, scheduler, guidance_scale, trainable_weights(lora))
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        for frozen in (vae, text_encoder):
+            frozen.requires_grad_(False).eval()
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        default = unet.config.sample_size * self.vae_scale_factor
+        self.resolution = default if resolution is None else resolution
+        if self.resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"model.resolution={self.resolution} must be a multiple of the VAE's downsampling "
+                f"factor {self.vae_scale_factor}"
+            )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.vae_scale_factor
+        return (self.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """{"prompt_embeds": [B, L, D]}: CLIP's last hidden state, prompts padded to the full length."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+        ).input_ids
+        # Lists -> tensor here: the tokenizer's return_tensors="pt" costs more than a tiny text encoder.
+        ids = torch.tensor(ids, device=self.text_encoder.device)
+        return {"prompt_embeds": self.text_encoder(ids).last_hidden_state}
+
+    def forward_network(self, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self.network(
+            latents.to(self.dtype), timestep,
+            encoder_hidden_states=cond["prompt_embeds"].to(self.dtype), return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(scaled, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.vae.to(device, dtype=weight_dtype)
+        self.text_encoder.to(device, dtype=weight_dtype)
+
+    def save_pretrained(self, directory: Path | str) -> Path:
+        """Write a diffusers pipeline folder (what `load_stable_diffusion` and diffusers both read)."""
+        if isinstance(self.weights, LoraWeights):
+            raise RuntimeError(
+                "save_pretrained writes the base pipeline, but this UNet carries LoRA adapters: "
+                "save the pipeline before LoRA is attached, and the adapters with save_trainable"
+            )
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(str(directory))
+        return Path(directory)
+
+
+def load_stable_diffusion(
+    pretrained: str,
+    revision: str | None = None,
+    resolution: int | None = None,
+    guidance_scale: float = 5.0,
+    lora: Mapping[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
+) -> StableDiffusionPolicy:
+    """Hydra target of conf/model/sd1*.yaml: each component from a hub id or a local pipeline folder.
+
+    `resolution` None takes the UNet's own (sample_size x VAE factor: 512 for SD 1.x); `lora` None
+    or {enabled: false} fine-tunes the whole UNet. The scheduler is always DDIM, built from the
+    pipeline's scheduler config (as DDPO does), whatever scheduler class the pipeline names.
+    """
+    check_source(pretrained, revision)
+    # Small files first, so a missing model fails before any large download.
+    scheduler = load_component(DDIMScheduler, pretrained, "scheduler", revision)
+    tokenizer = _load_tokenizer(pretrained, revision)
+    text_encoder = load_component(CLIPTextModel, pretrained, "text_encoder", revision)
+    vae = load_component(AutoencoderKL, pretrained, "vae", revision)
+    unet = load_component(UNet2DConditionModel, pretrained, "unet", revision)
+    return StableDiffusionPolicy(
+        unet, vae, text_encoder, tokenizer, scheduler, resolution=resolution,
+        guidance_scale=guidance_scale, lora=lora, gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def _load_tokenizer(pretrained: str, revision: str | None) -> CLIPTokenizer:
+    """transformers 5 returns an empty tokenizer, not an error, when it finds no vocabulary files."""
+    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", revision)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        reason = "no vocabulary found (vocab.json + merges.txt, or tokenizer.json)"
+        raise load_error(pretrained, "tokenizer", revision, reason)
+    return tokenizer

@@ -1,0 +1,105 @@
+"""A tiny Stable Diffusion built in code: the real classes at toy sizes, seeded weights, no download.
+
+It makes `pcpo-train` with no overrides a complete run on a laptop CPU in minutes. Sizes are set
+so the UNet dominates the cost, as it does at full scale: with CFG, 20 UNet calls on 2x32 latents
+of 4x16x16 take ~100x one VAE decode plus one text encoding of the same 32 samples.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pcpo_hydra.models.stable_diffusion import StableDiffusionPolicy
+
+MAX_TOKENS = 32        # tokenizer length = text encoder positions; one token per character
+TEXT_WIDTH = 32        # text hidden size = UNet cross-attention width
+LATENT_CHANNELS = 4
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# SD 1.x's training noise schedule, so samplers and credit weights see the real numbers.
+SD_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
+}
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE (no merges): every lowercase ASCII prompt tokenizes; others map to EOS.
+
+    Each printable character has a word-inner and a word-final ("</w>") token, as CLIP's BPE expects.
+    """
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = [*chars, *(c + "</w>" for c in chars), BOS, EOS]
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
+
+
+def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_WIDTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _vae(resolution: int) -> AutoencoderKL:
+    """Downsamples by 2 only, 4 channels, no 1x1 (post-)quant convs: decoding stays < 1% of sampling.
+
+    At 64x64 images (factor 4) the full-size decoder layers alone cost ~2% of a rollout's UNet calls.
+    """
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=0, norm_num_groups=2, sample_size=resolution, mid_block_add_attention=False,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _unet(resolution: int) -> UNet2DConditionModel:
+    """Two resolution levels; text enters through cross-attention in the mid block only (8x8 tokens).
+
+    Attention over the 16x16 level would be several times the cost of everything else here.
+    """
+    return UNet2DConditionModel(
+        sample_size=resolution // 2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=4,
+    )
+
+
+def build_tiny_sd(
+    seed: int = 0,
+    resolution: int = 32,
+    guidance_scale: float = 5.0,
+    lora: Mapping[str, Any] | None = None,
+) -> StableDiffusionPolicy:
+    """Hydra target of conf/model/tiny_sd.yaml: same seed, same weights (LoRA init included).
+
+    Latents are 4 x resolution/2 x resolution/2. The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer()
+        return StableDiffusionPolicy(
+            _unet(resolution), _vae(resolution), _text_encoder(tokenizer), tokenizer,
+            DDIMScheduler(**SD_SCHEDULE), resolution=resolution, guidance_scale=guidance_scale, lora=lora,
+        )
+
+
+def save_tiny_sd(directory: Path | str, seed: int = 0, resolution: int = 32) -> Path:
+    """Write the tiny model as a diffusers pipeline folder; `model.pretrained=<folder>` then loads it."""
+    return build_tiny_sd(seed, resolution).save_pretrained(directory)

@@ -1,0 +1,144 @@
+"""What of a network trains: LoRA adapters on a frozen base (peft), or every weight.
+
+One `TrainableWeights` object per policy decides which parameters train, the dtype the network is
+kept in, and what a checkpoint of the trained weights holds, so adapters never branch on it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "default"                      # the one peft adapter a policy trains
+LORA_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name: the folder loads with from_pretrained
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The `model.lora` config node."""
+
+    enabled: bool = True
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    @classmethod
+    def parse(cls, value: LoraSettings | Mapping[str, Any] | None) -> LoraSettings | None:
+        """None (or enabled: false) means full fine-tuning; missing keys take the defaults above."""
+        if value is None or isinstance(value, LoraSettings):
+            settings = value
+        else:
+            known = [f.name for f in fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"model.lora: unknown key(s) {unknown}; known: {known}")
+            values = dict(value)
+            if "target_modules" in values:
+                values["target_modules"] = tuple(values["target_modules"])
+            settings = cls(**values)
+        return settings if settings is not None and settings.enabled else None
+
+
+class TrainableWeights(ABC):
+    """Which weights of a network train, the dtype it lives in, and how they are saved."""
+
+    @abstractmethod
+    def attach(self, network: nn.Module) -> None:
+        """Set requires_grad (and add adapters) once, right after the network is built."""
+
+    @abstractmethod
+    def network_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the network's weights when frozen weights use `weight_dtype`."""
+
+    @abstractmethod
+    def save(self, network: nn.Module, directory: Path) -> None:
+        """Write the trained weights (only those) into `directory`."""
+
+    @abstractmethod
+    def load(self, network: nn.Module, directory: Path) -> None:
+        """Copy weights written by `save` into the network in place (optimizer references survive)."""
+
+    def parameters(self, network: nn.Module) -> list[nn.Parameter]:
+        return [p for p in network.parameters() if p.requires_grad]
+
+    def place(self, network: nn.Module, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move the network; trained weights stay float32 so small updates are not rounded away."""
+        network.to(device, dtype=self.network_dtype(weight_dtype))
+        for p in self.parameters(network):
+            p.data = p.data.float()
+
+
+class FullWeights(TrainableWeights):
+    """Every weight trains; saved as a diffusers model folder (config + one safetensors file)."""
+
+    def attach(self, network: nn.Module) -> None:
+        network.requires_grad_(True)
+
+    def network_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32
+
+    def save(self, network: nn.Module, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(network.state_dict(), directory / FULL_WEIGHTS)
+        network.save_config(directory)
+
+    def load(self, network: nn.Module, directory: Path) -> None:
+        network.load_state_dict(load_file(directory / FULL_WEIGHTS), strict=True)
+
+
+class LoraWeights(TrainableWeights):
+    """peft LoRA adapters on a frozen base; saved as the adapter's safetensors and adapter_config.json."""
+
+    def __init__(self, settings: LoraSettings) -> None:
+        self.settings = settings
+
+    def attach(self, network: nn.Module) -> None:
+        from peft import LoraConfig
+
+        network.requires_grad_(False)
+        network.add_adapter(
+            LoraConfig(
+                r=self.settings.rank,
+                lora_alpha=self.settings.alpha,
+                init_lora_weights="gaussian",  # B = 0: the adapted network starts equal to its base
+                target_modules=list(self.settings.target_modules),
+            ),
+            adapter_name=ADAPTER,
+        )
+
+    def network_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        return weight_dtype
+
+    def save(self, network: nn.Module, directory: Path) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(get_peft_model_state_dict(network, adapter_name=ADAPTER), directory / LORA_WEIGHTS)
+        network.peft_config[ADAPTER].save_pretrained(str(directory))
+
+    def load(self, network: nn.Module, directory: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(network, load_file(directory / LORA_WEIGHTS), adapter_name=ADAPTER)
+        missing = [k for k in result.missing_keys if f".{ADAPTER}." in k and "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"LoRA weights in {directory} do not match model.lora (rank, target_modules): "
+                f"{len(missing)} adapter weights missing, {len(result.unexpected_keys)} unexpected, "
+                f"e.g. {(missing + list(result.unexpected_keys))[:3]}"
+            )
+
+
+def trainable_weights(lora: LoraSettings | Mapping[str, Any] | None) -> TrainableWeights:
+    """LoRA when `lora` is enabled, else full fine-tuning."""
+    settings = LoraSettings.parse(lora)
+    return FullWeights() if settings is None else LoraWeights(settings)

@@ -1,0 +1,252 @@
+"""Model adapters: the tiny SD build, guidance, trainable weights, saving and loading, load errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pcpo_hydra.models.loading import ModelLoadError
+from pcpo_hydra.models.stable_diffusion import StableDiffusionPolicy, load_stable_diffusion
+from pcpo_hydra.models.tiny import build_tiny_sd, save_tiny_sd, tiny_tokenizer
+
+LORA = {"enabled": True, "rank": 4, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+PROMPTS = ["a cat", "a hedgehog washing the dishes", "Zebra, riding a bike!"]
+
+
+@pytest.fixture
+def tiny() -> StableDiffusionPolicy:
+    return build_tiny_sd(seed=0)
+
+
+@pytest.fixture
+def tiny_lora() -> StableDiffusionPolicy:
+    return build_tiny_sd(seed=0, lora=LORA)
+
+
+def inputs(model: StableDiffusionPolicy, n: int = 3) -> tuple[Tensor, dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, *model.latent_shape, generator=g), model.encode_prompts(PROMPTS[:n])
+
+
+def state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class CountingNetwork(nn.Module):
+    """Stands in for an accelerator-wrapped network: forwards and records each call's batch."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, sample: Tensor, *args, **kwargs):
+        self.batches.append(sample.shape[0])
+        return self.inner(sample, *args, **kwargs)
+
+
+# ---- tiny build ------------------------------------------------------------------------------
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny: StableDiffusionPolicy) -> None:
+    rng = torch.get_rng_state()
+    again, other = build_tiny_sd(seed=0), build_tiny_sd(seed=1)
+    assert torch.equal(rng, torch.get_rng_state()), "building must leave the global RNG alone"
+    for part in ("unet", "vae", "text_encoder"):
+        assert same_weights(getattr(tiny, part), getattr(again, part))
+        assert not same_weights(getattr(tiny, part), getattr(other, part))
+
+
+def test_tokenizer_takes_any_prompt_and_tells_prompts_apart() -> None:
+    tokenizer = tiny_tokenizer()
+    prompts = [*PROMPTS, "ZEBRA, RIDING A BIKE!"]
+    ids = tokenizer(prompts, padding="max_length", max_length=32, truncation=True).input_ids
+    assert all(len(row) == 32 for row in ids)
+    assert ids[0] != ids[1] and ids[2] == ids[3]  # lowercased like CLIP's
+    assert tokenizer.unk_token_id not in ids[1][1 : ids[1].index(tokenizer.eos_token_id)]
+
+
+def test_shapes_and_ranges(tiny: StableDiffusionPolicy) -> None:
+    x, cond = inputs(tiny)
+    assert tiny.latent_shape == (4, 16, 16)
+    assert cond["prompt_embeds"].shape == (3, 32, 32) and not cond["prompt_embeds"].requires_grad
+    for timestep in (torch.tensor(981), torch.tensor([981, 500, 1])):
+        assert tiny.predict(x, timestep, cond).shape == x.shape
+    images = tiny.decode(10 * x)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
+
+
+def test_guidance_is_one_batched_call_combining_uncond_and_cond(tiny: StableDiffusionPolicy) -> None:
+    x, cond = inputs(tiny)
+    t = torch.tensor([981, 500, 1])
+    f_u = tiny.forward_network(x, t, tiny.encode_prompts([""] * 3))
+    f_c = tiny.forward_network(x, t, cond)
+    tiny.network = CountingNetwork(tiny.unet)
+    f = tiny.predict(x, t, cond)
+    assert tiny.network.batches == [6]
+    torch.testing.assert_close(f, f_u + 5.0 * (f_c - f_u), rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_one_is_a_single_conditional_call() -> None:
+    model = build_tiny_sd(seed=0, guidance_scale=1.0)
+    x, cond = inputs(model)
+    expected = model.forward_network(x, torch.tensor(500), cond)
+    model.network = CountingNetwork(model.unet)
+    assert torch.equal(model.predict(x, torch.tensor(500), cond), expected)
+    assert model.network.batches == [3]
+
+
+def test_guidance_below_one_is_rejected() -> None:
+    with pytest.raises(ValueError, match="guidance_scale"):
+        build_tiny_sd(guidance_scale=0.5)
+
+
+# ---- trainable weights -----------------------------------------------------------------------
+
+
+def test_full_fine_tune_trains_the_whole_unet_only(tiny: StableDiffusionPolicy) -> None:
+    trainable = {id(p) for p in tiny.trainable_parameters()}
+    assert trainable == {id(p) for p in tiny.unet.parameters()}
+    assert not any(p.requires_grad for m in (tiny.vae, tiny.text_encoder) for p in m.parameters())
+
+
+def test_lora_trains_only_adapters_and_starts_at_the_base(
+    tiny: StableDiffusionPolicy, tiny_lora: StableDiffusionPolicy
+) -> None:
+    names = [n for n, p in tiny_lora.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert len(tiny_lora.trainable_parameters()) == len(names)
+    x, cond = inputs(tiny)
+    t = torch.tensor(500)
+    assert torch.equal(tiny_lora.predict(x, t, cond), tiny.predict(x, t, cond))
+
+
+def test_gradients_reach_the_trainable_weights(tiny_lora: StableDiffusionPolicy) -> None:
+    x, cond = inputs(tiny_lora)
+    tiny_lora.predict(x, torch.tensor([981, 500, 1]), cond).square().mean().backward()
+    assert all(p.grad is not None for p in tiny_lora.trainable_parameters())
+
+
+def perturb(model: StableDiffusionPolicy) -> None:
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("lora", [LORA, None], ids=["lora", "full"])
+def test_save_and_load_trainable_round_trip(lora: dict | None, tmp_path: Path) -> None:
+    trained = build_tiny_sd(seed=0, lora=lora)
+    x, cond = inputs(trained)
+    before = trained.predict(x, torch.tensor(500), cond)
+    perturb(trained)
+    after = trained.predict(x, torch.tensor(500), cond)
+    assert not torch.allclose(before, after)
+    trained.save_trainable(tmp_path / "weights")
+    fresh = build_tiny_sd(seed=0, lora=lora)
+    fresh.load_trainable(tmp_path / "weights")
+    assert torch.equal(fresh.predict(x, torch.tensor(500), cond), after)
+
+
+def test_lora_files_are_peft_adapter_files(tiny_lora: StableDiffusionPolicy, tmp_path: Path) -> None:
+    tiny_lora.save_trainable(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+
+
+def test_loading_lora_weights_of_other_targets_fails_clearly(
+    tiny_lora: StableDiffusionPolicy, tmp_path: Path
+) -> None:
+    tiny_lora.save_trainable(tmp_path)
+    other = build_tiny_sd(seed=0, lora={**LORA, "target_modules": ["to_q"]})
+    with pytest.raises(ValueError, match=r"do not match model\.lora"):
+        other.load_trainable(tmp_path)
+
+
+def test_unknown_lora_key_is_named() -> None:
+    with pytest.raises(ValueError, match="rnak"):
+        build_tiny_sd(lora={"rnak": 4})
+
+
+def test_low_precision_placement_keeps_trained_weights_float32(tiny_lora: StableDiffusionPolicy) -> None:
+    tiny_lora.to("cpu", torch.bfloat16)
+    assert tiny_lora.dtype == torch.bfloat16
+    assert {p.dtype for p in tiny_lora.trainable_parameters()} == {torch.float32}
+    frozen = (tiny_lora.vae, tiny_lora.text_encoder, tiny_lora.unet.conv_in)
+    assert {next(m.parameters()).dtype for m in frozen} == {torch.bfloat16}
+    x, cond = inputs(tiny_lora)
+    assert tiny_lora.predict(x, torch.tensor(500), cond).isfinite().all()
+    assert tiny_lora.decode(x).dtype == torch.float32
+
+
+# ---- pipeline folders and load errors ----------------------------------------------------------
+
+
+def test_saved_pipeline_loads_back_identically(tiny: StableDiffusionPolicy, tmp_path: Path) -> None:
+    save_tiny_sd(tmp_path, seed=0)
+    assert (tmp_path / "model_index.json").is_file()
+    loaded = load_stable_diffusion(str(tmp_path), guidance_scale=5.0)
+    assert loaded.latent_shape == tiny.latent_shape  # resolution taken from the saved UNet
+    x, cond = inputs(tiny)
+    assert torch.equal(loaded.encode_prompts(PROMPTS[:3])["prompt_embeds"], cond["prompt_embeds"])
+    assert torch.equal(loaded.predict(x, torch.tensor(500), cond), tiny.predict(x, torch.tensor(500), cond))
+    assert torch.equal(loaded.decode(x), tiny.decode(x))
+    assert loaded.scheduler.alphas_cumprod.equal(tiny.scheduler.alphas_cumprod)
+
+
+def test_save_pretrained_refuses_lora(tiny_lora: StableDiffusionPolicy, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="save_trainable"):
+        tiny_lora.save_pretrained(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # diffusers passes a deprecated download argument
+def test_offline_uncached_hub_id_names_model_component_and_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError) as caught:
+        load_stable_diffusion("pcpo-hydra-tests/not-a-cached-model")
+    message = str(caught.value)
+    for part in ("'pcpo-hydra-tests/not-a-cached-model'", "the scheduler", "HF_HUB_OFFLINE",
+                 "model.pretrained=", "hf download pcpo-hydra-tests/not-a-cached-model"):
+        assert part in message
+    assert caught.value.__cause__ is None
+
+
+def test_missing_local_dir_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_pipeline"
+    with pytest.raises(ModelLoadError, match="no such local directory") as caught:
+        load_stable_diffusion(str(missing))
+    assert str(missing) in str(caught.value) and "hf download" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        ("vae", "the vae of model .* no vae/ subfolder"),
+        ("tokenizer/*", "the tokenizer of model .* no vocabulary"),
+    ],
+)
+def test_missing_component_of_local_dir_is_named(remove: str, message: str, tmp_path: Path) -> None:
+    save_tiny_sd(tmp_path)
+    for path in tmp_path.glob(remove):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    with pytest.raises(ModelLoadError, match=message):
+        load_stable_diffusion(str(tmp_path))
+
+
+def test_package_import_stays_light() -> None:
+    code = "import sys, pcpo_hydra.models; assert 'torch' not in sys.modules, 'models imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
