@@ -1,0 +1,281 @@
+"""MLflow tracking for one training run: params, tags, metrics, sample grids, artifacts, resume.
+
+Only the main process builds a tracker. It talks to MLflow through an `MlflowClient` with an
+explicit run id rather than MLflow's global active run, so several runs in one process (tests,
+a sweep's jobs) never log into each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from torch import Tensor
+
+from pcpo_hydra.image_grid import make_grid
+
+DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"  # relative to the working directory
+SQLITE_PREFIX = "sqlite:///"
+ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite file: where its new experiments keep artifacts
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI then opens the model-training view
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+IMAGE_KEY = "samples"  # the UI's per-step image view groups grids under this key
+
+# MLflow's own limits (mlflow.utils.validation): longer values or larger batches are rejected.
+PARAM_VALUE_MAX = 6000
+TAG_VALUE_MAX = 8000
+PARAMS_TAGS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+TRUNCATED = "...[truncated]"
+
+LOCK_RETRIES = 5  # a sqlite store shared by a sweep's jobs is briefly locked while one writes
+LOCK_BACKOFF_S = 0.5
+
+T = TypeVar("T")
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """The argument, else $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI; sqlite paths made absolute.
+
+    An absolute sqlite path keeps the store where it was meant to be even if the working
+    directory changes later (Hydra jobs, SLURM).
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    path = sqlite_path(uri)
+    if path is None:
+        return uri
+    query = uri.partition("?")[1:]
+    return SQLITE_PREFIX + str(path.resolve()) + "".join(query)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative or absolute), None for other stores."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    path = tracking_uri[len(SQLITE_PREFIX) :].partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def flatten_config(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"model.lora.rank": "4", ...}; lists and empty mappings as JSON.
+
+    MLflow params are flat strings; dotted keys read like the Hydra overrides that set them.
+    """
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, (Mapping, list, tuple)):
+            flat[name] = json.dumps(value, default=str)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout holding this package, else of the working directory; None if neither.
+
+    Only a tag on the run: it must never stop training, so every failure gives None.
+    """
+    for where in (Path(__file__).resolve().parent, None):  # None: the working directory
+        try:
+            result = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if result.returncode == 0:
+            return result.stdout.strip()
+    return None
+
+
+def truncate(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, ending in TRUNCATED when it was cut."""
+    return value if len(value) <= limit else value[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """Consecutive slices of at most `size` items."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def is_locked(error: MlflowException) -> bool:
+    return "database is locked" in str(error)
+
+
+def retry_if_locked(call: Callable[..., T]) -> Callable[..., T]:
+    """`call`, retried with exponential backoff while the sqlite store reports a lock."""
+
+    @functools.wraps(call)
+    def retrying(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(LOCK_RETRIES - 1):
+            try:
+                return call(*args, **kwargs)
+            except MlflowException as error:
+                if not is_locked(error):
+                    raise
+            time.sleep(LOCK_BACKOFF_S * 2**attempt)
+        return call(*args, **kwargs)
+
+    return retrying
+
+
+class _LockRetryingClient:
+    """An MlflowClient whose every method retries on a locked sqlite store."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        return retry_if_locked(attribute) if callable(attribute) else attribute
+
+
+class MLflowTracker:
+    """One MLflow run: created, or resumed by id, by `start`; closed by `end`.
+
+    tracking_uri: where runs are stored; None means $MLFLOW_TRACKING_URI if set, else
+    sqlite:///outputs/mlflow.db under the working directory. A sqlite file's folder is created if
+    missing, and experiments created in it keep their artifacts in <that folder>/mlartifacts.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str, run_name: str | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        database = sqlite_path(self.tracking_uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        self._artifact_location = (database.parent / ARTIFACTS_DIR).as_uri() if database else None
+        self._client: Any = _LockRetryingClient(MlflowClient(tracking_uri=self.tracking_uri))
+        self._run_id: str | None = None
+        self._ended = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The current run's id (stored in checkpoints so a resumed job continues the same run)."""
+        return self._run_id
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def start(self, run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """Create a run with these params and tags, or resume `run_id`; return the run id.
+
+        A resumed run keeps the params and tags it started with (MLflow forbids changing a
+        param); only tags it does not have yet are added, and its status goes back to RUNNING.
+        """
+        if self._run_id is not None and not self._ended:
+            raise RuntimeError(f"MLflow run {self._run_id} is still active: end() it before start()")
+        if run_id is None:
+            run = self._client.create_run(self._experiment_id(), run_name=self.run_name)
+            self._run_id = run.info.run_id
+            self._log_params(params)
+            self._log_tags(tags)
+        else:
+            existing = self._existing_run(run_id)
+            self._run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+            self._log_tags({key: value for key, value in tags.items() if key not in existing.data.tags})
+        self._ended = False
+        return self._run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED; a second call, or one before start, does nothing."""
+        if status not in END_STATUSES:
+            raise ValueError(f"run status must be one of {END_STATUSES}, got {status!r}")
+        if self._run_id is None or self._ended:
+            return
+        self._client.set_terminated(self._run_id, status=status)
+        self._ended = True
+
+    # ------------------------------------------------------------------------------- logging
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log all metrics at `step` with one timestamp; NaN and inf are kept (they are findings)."""
+        run_id = self._active_run()
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        for batch in chunks(entries, METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=batch)
+
+    def last_logged_step(self, key: str) -> int | None:
+        """The highest step logged for `key` in this run, None if never (resume skips up to it)."""
+        history = self._client.get_metric_history(self._active_run(), key)
+        return max((metric.step for metric in history), default=None)
+
+    def log_image_grid(self, images: Tensor, captions: list[str], step: int) -> None:
+        """The captioned grid both in the UI's per-step image view and as samples/epoch_{step}.png."""
+        run_id = self._active_run()
+        grid = make_grid(images, captions)
+        self._client.log_image(run_id, grid, key=IMAGE_KEY, step=step)
+        self._client.log_image(run_id, grid, artifact_file=f"samples/epoch_{step:05d}.png")
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file into `artifact_path`, or a directory's contents into `artifact_path`
+        (default: a folder named like the directory)."""
+        run_id, path = self._active_run(), Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(run_id, str(path), artifact_path or path.name)
+        elif path.is_file():
+            self._client.log_artifact(run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"no file or directory to log at {path}")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store `text` as the artifact `artifact_file`, e.g. the resolved config as config.yaml."""
+        self._client.log_text(self._active_run(), text, artifact_file)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _active_run(self) -> str:
+        if self._run_id is None or self._ended:
+            raise RuntimeError("no active MLflow run: call start() first")
+        return self._run_id
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, creating it (tagged with its kind) on first use."""
+        experiment = self._client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return self._client.create_experiment(
+                    self.experiment_name, self._artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
+            except MlflowException:  # another job of the sweep may have created it meanwhile
+                experiment = self._client.get_experiment_by_name(self.experiment_name)
+                if experiment is None:
+                    raise
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
+
+    def _existing_run(self, run_id: str) -> Any:
+        try:
+            return self._client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise ValueError(
+                f"cannot resume MLflow run {run_id!r}: not found in {self.tracking_uri} "
+                "(set logger.tracking_uri to the store the run was logged to)"
+            ) from error
+
+    def _log_params(self, params: Mapping[str, Any]) -> None:
+        entries = [Param(key, truncate(str(value), PARAM_VALUE_MAX)) for key, value in params.items()]
+        for batch in chunks(entries, PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._active_run(), params=batch)
+
+    def _log_tags(self, tags: Mapping[str, str]) -> None:
+        entries = [RunTag(key, truncate(str(value), TAG_VALUE_MAX)) for key, value in tags.items()]
+        for batch in chunks(entries, PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._active_run(), tags=batch)
