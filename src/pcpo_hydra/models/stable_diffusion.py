@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pcpo_hydra.models.base import PolicyModel
 from pcpo_hydra.models.loading import check_source, load_component, load_error
-from pcpo_hydra.models.trainable import LoraWeights, trainable_weights
+from pcpo_hydra.models.trainable import LoraWeights, place_module, trainable_weights
 
 
 class StableDiffusionPolicy(PolicyModel):
@@ -78,8 +78,8 @@ class StableDiffusionPolicy(PolicyModel):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        self.vae.to(device, dtype=weight_dtype)
-        self.text_encoder.to(device, dtype=weight_dtype)
+        place_module(self.vae, device, weight_dtype)
+        place_module(self.text_encoder, device, weight_dtype)
 
     def save_pretrained(self, directory: Path | str) -> Path:
         """Write a diffusers pipeline folder (what `load_stable_diffusion` and diffusers both read)."""

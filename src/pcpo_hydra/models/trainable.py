@@ -48,6 +48,18 @@ class LoraSettings:
         return settings if settings is not None and settings.enabled else None
 
 
+def place_module(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`module.to(device, dtype)` without diffusers' spurious warning.
+
+    diffusers' `ModelMixin.to` warns about float32-only modules on every dtype cast, even when the
+    class has none; such classes take torch's own `to`, the others keep diffusers' (which honours them).
+    """
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(device, dtype=dtype)
+    else:
+        nn.Module.to(module, device=device, dtype=dtype)
+
+
 class TrainableWeights(ABC):
     """Which weights of a network train, the dtype it lives in, and how they are saved."""
 
@@ -72,7 +84,7 @@ class TrainableWeights(ABC):
 
     def place(self, network: nn.Module, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move the network; trained weights stay float32 so small updates are not rounded away."""
-        network.to(device, dtype=self.network_dtype(weight_dtype))
+        place_module(network, device, self.network_dtype(weight_dtype))
         for p in self.parameters(network):
             p.data = p.data.float()
 
