@@ -62,12 +62,12 @@ def test_grpo_and_pcpo_differ_in_exactly_the_three_switches(compose_cfg):
         (["rollout.group_size=1"], "rollout.group_size=1: must be a number >= 2"),
         (["rollout.batch_size=5"], "rollout.batch_size=5: must divide rollout.prompts_per_epoch x rollout.group_size = 32"),
         (["train.batch_size=3"], "train.batch_size=3: must divide"),
-        (["train.num_updates=3"], "train.num_updates=3: must divide the 4 training micro-batches"),
+        (["train.num_updates=3"], "train.num_updates=3: must divide the 8 training micro-batches"),
         (["rollout.group_size=abc"], "rollout.group_size"),
         (["+algorithm.temperature=2"], "algorithm.temperature"),
         (["model.lora.rank=0"], "model.lora.rank=0: must be a number > 0"),
         (["hardware.mixed_precision=fp8"], "hardware.mixed_precision='fp8': must be one of"),
-        (["resume=/nonexistent/run"], "resume='/nonexistent/run': not a run directory"),
+        (["resume=/nonexistent/run"], "resume='/nonexistent/run': no complete checkpoint"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(compose_cfg, overrides, expected):

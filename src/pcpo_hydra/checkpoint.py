@@ -2,7 +2,8 @@
 
 Layout: <run_dir>/checkpoints/epoch_00005/{weights/, optimizer.pt, trainer.pt}. A checkpoint is
 written to a temporary folder and renamed into place, so a crash mid-write never leaves a
-half-checkpoint that resume would pick up.
+half-checkpoint that resume would pick up. torch is imported only to save or load, so config
+validation can look for a checkpoint without it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Any
-
-import torch
 
 _PREFIX = "epoch_"
 
@@ -29,10 +28,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(
-    run_dir: Path, epoch: int, model: Any, optimizer: torch.optim.Optimizer, trainer_state: dict, keep: int
-) -> Path:
+def save_checkpoint(run_dir: Path, epoch: int, model: Any, optimizer: Any, trainer_state: dict, keep: int) -> Path:
     """Write checkpoint `epoch` atomically and prune all but the newest `keep`."""
+    import torch
+
     root = checkpoint_root(run_dir)
     final = root / f"{_PREFIX}{epoch:05d}"
     partial = root / f".partial_{final.name}"
@@ -48,8 +47,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict:
     """Restore weights and optimizer in place; return the trainer state saved beside them."""
+    import torch
+
     model.load_trainable(path / "weights")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)

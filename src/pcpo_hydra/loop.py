@@ -111,6 +111,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- loop
 
+    def run_epoch(self) -> tuple[Trajectories, dict[str, float]]:
+        """One rollout -> reward -> advantage -> update pass, timed by phase and in total."""
+        start = time.perf_counter()
+        traj = self.rollout()
+        self.score(traj)
+        train_stats = self.update(traj)
+        self.timings["epoch"] = time.perf_counter() - start
+        return traj, train_stats
+
     def fit(self) -> float:
         """Train from the epoch after the last completed one to `cfg.epochs`; return the last reward mean."""
         metrics: dict[str, float] = {}
@@ -118,11 +127,7 @@ class Trainer:
         bar = tqdm(epochs, desc="epochs", disable=not self.accelerator.is_main_process)
         with logging_redirect_tqdm():
             for epoch in bar:
-                start = time.perf_counter()
-                traj = self.rollout()
-                self.score(traj)
-                train_stats = self.update(traj)
-                self.timings["epoch"] = time.perf_counter() - start
+                traj, train_stats = self.run_epoch()
                 metrics = self.epoch_metrics(traj, train_stats)
                 self.log_epoch(epoch, metrics, traj)
                 self.epoch = epoch

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.config import ConfigError, validate
 
@@ -21,6 +21,14 @@ def config_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"no conf/train.yaml next to {here} or in the source tree")
+
+
+def _if_set(value: object, then: str, otherwise: str) -> str:
+    """`then` when `value` is not null: conf/train.yaml sends a resumed run into the dir it continues."""
+    return otherwise if value is None else then
+
+
+OmegaConf.register_new_resolver("pcpo.if_set", _if_set, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

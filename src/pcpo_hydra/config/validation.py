@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from pcpo_hydra.checkpoint import latest_checkpoint
 from pcpo_hydra.config.checks import violations
 from pcpo_hydra.config.schemas import GROUP_SCHEMAS, RunSchema, schema_for
 
@@ -70,8 +71,11 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
             f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
         )
-    if cfg.resume is not None and not (Path(cfg.resume) / "checkpoints").is_dir():
-        problems.append(f"resume={cfg.resume!r}: not a run directory with a checkpoints/ folder")
+    if cfg.resume is not None and latest_checkpoint(Path(cfg.resume)) is None:
+        problems.append(
+            f"resume={cfg.resume!r}: no complete checkpoint in its checkpoints/ folder "
+            "(give the run directory of a run that saved one; see checkpoint_every)"
+        )
     return problems
 
 

@@ -1,0 +1,128 @@
+"""End to end through the real `pcpo-train` command: tiny runs, their MLflow records, and resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENT = "pcpo-hydra"
+TINY = [  # the debug preset with a few more steps, so every phase does real work quickly
+    "experiment=debug", "sampler.num_steps=3", "rollout.prompts_per_epoch=2", "rollout.group_size=4",
+    "rollout.batch_size=8", "train.batch_size=4", "train.num_updates=2", "hardware.num_threads=1",
+]
+EPOCH_METRICS = {
+    "rollout/reward_mean", "rollout/reward_std", "rollout/reward_min", "rollout/reward_max",
+    "rollout/advantage_mean", "rollout/advantage_std", "rollout/advantage_abs_max",
+    "train/loss", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lr",
+    "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s",
+}
+
+
+def pcpo_train(store: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Run the console script's module with a private MLflow store; fail the test on a non-zero exit."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pcpo_hydra.train", *TINY, *overrides],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def only_run(client: MlflowClient):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return experiment, runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for entry in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "pcpo"])
+def test_one_epoch_logs_metrics_tags_and_artifacts(tmp_path: Path, algorithm: str) -> None:
+    store, run_dir = tmp_path / "mlflow.db", tmp_path / "run"
+    result = pcpo_train(store, f"algorithm={algorithm}", f"hydra.run.dir={run_dir}")
+    assert "epoch 1/1 | reward" in result.stdout
+
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment, run = only_run(client)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.status == "FINISHED"
+    assert EPOCH_METRICS <= set(run.data.metrics)
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1], key
+        assert math.isfinite(history[0].value), key
+    metrics = run.data.metrics
+    # JPEG compressibility is minus the file size in kB: negative, and ordered min <= mean <= max.
+    assert metrics["rollout/reward_min"] <= metrics["rollout/reward_mean"] <= metrics["rollout/reward_max"] < 0
+    assert metrics["train/num_updates"] == 2
+    assert metrics["train/lr"] == pytest.approx(3e-3)
+    # Group-normalised advantages have mean 0 within every group.
+    assert abs(metrics["rollout/advantage_mean"]) < 1e-5
+
+    params, tags = run.data.params, run.data.tags
+    assert params["algorithm.objective"] == ("log_hinge" if algorithm == "pcpo" else "ratio")
+    assert params["sampler.num_steps"] == "3"
+    assert tags["algorithm"] == algorithm and tags["model"] == "tiny_sd" and tags["sampler"] == "ddim"
+    assert tags["reward"] == "jpeg_compressibility" and tags["hardware"] == "cpu"
+    assert f"algorithm={algorithm}" in tags["overrides"]
+    assert tags["run_dir"] == str(run_dir)
+
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert "config.yaml" in artifacts
+    assert "samples/epoch_00001.png" in artifacts
+    assert "weights/diffusion_pytorch_model.safetensors" in artifacts  # the tiny default trains the whole UNet
+    assert (run_dir / "checkpoints" / "epoch_00001" / "trainer.pt").is_file()
+
+
+def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_path: Path) -> None:
+    """A run stopped after 3 epochs (checkpoint at 2) and resumed to 5 equals one straight 5-epoch run."""
+    client_of = lambda store: MlflowClient(f"sqlite:///{store}")  # noqa: E731
+    common = ["checkpoint_every=2", "keep_checkpoints=5", "log_images_every=0"]
+
+    straight_store = tmp_path / "straight.db"
+    pcpo_train(straight_store, *common, "epochs=5", f"hydra.run.dir={tmp_path / 'straight'}")
+    straight_client = client_of(straight_store)
+    _, straight = only_run(straight_client)
+    reference = {m.step: m.value for m in straight_client.get_metric_history(straight.info.run_id, "rollout/reward_mean")}
+
+    store, run_dir = tmp_path / "resumed.db", tmp_path / "resumed"
+    pcpo_train(store, *common, "epochs=3", f"hydra.run.dir={run_dir}")
+    first_config = (run_dir / ".hydra" / "config.yaml").read_text()
+    result = pcpo_train(store, *common, "epochs=5", f"resume={run_dir}")
+    assert "epoch 3/5" in result.stdout  # epoch 3 is recomputed from the epoch-2 checkpoint ...
+
+    client = client_of(store)
+    _, run = only_run(client)  # ... into the same MLflow run
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "rollout/reward_mean")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # ... and logged once
+    for metric in history:  # weights, optimizer and RNG streams all continued exactly
+        assert metric.value == pytest.approx(reference[metric.step], rel=1e-6), metric.step
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == first_config
+    assert len(list((run_dir / ".hydra").glob("resumed_*"))) == 1
+    assert (run_dir / "checkpoints" / "epoch_00004").is_dir()
+
+
+def test_resume_of_a_directory_without_checkpoints_fails_before_building(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "pcpo_hydra.train", f"resume={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"resume={str(tmp_path)!r}" in result.stderr and "no complete checkpoint" in result.stderr
