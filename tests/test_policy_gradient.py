@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pcpo_hydra.algorithms import PolicyGradient
+from pcpo_hydra.algorithms.credit import reweight_scales
 from pcpo_hydra.samplers import DDIMSampler
 
 SAMPLER = DDIMSampler(DDIMScheduler(set_alpha_to_one=False, steps_offset=1), 10)
@@ -92,8 +93,9 @@ def test_per_sample_steps_match_a_loop_over_steps():
 
 def test_prepare_follows_the_sampler_family_default():
     pg, sampler = policy("log_hinge", "matching", "proportional", None)
-    assert not torch.equal(sampler.stds(), SAMPLER.stds())  # DDIM default: variance mode
-    assert policy(credit="proportional", mode="reweight")[1] is SAMPLER
+    assert sampler is SAMPLER  # DDIM default: reweight mode, the rollout keeps the native stds
+    assert torch.equal(pg.scales, reweight_scales(SAMPLER))
+    assert not torch.equal(policy(credit="proportional", mode="variance")[1].stds(), SAMPLER.stds())
     assert policy(credit="native", mode="variance")[1] is SAMPLER
 
 

@@ -148,4 +148,4 @@ def test_with_stds_recomputes_b_and_leaves_the_original(scheduler):
 def test_build_ddim_sampler_uses_the_model_scheduler(scheduler):
     sampler = build_ddim_sampler(SimpleNamespace(scheduler=scheduler), num_steps=20, eta=1.0)
     assert isinstance(sampler, DDIMSampler) and sampler.num_steps == 20
-    assert DDIMSampler.default_credit_mode == "variance"
+    assert DDIMSampler.default_credit_mode == "reweight"

@@ -39,7 +39,7 @@ class StableDiffusionSchema:
 class TinyStableDiffusionSchema:
     _target_: str = "pcpo_hydra.models.tiny.build_tiny_sd"
     seed: int = 0
-    resolution: int = checked(64, positive())
+    resolution: int = checked(32, positive())
     guidance_scale: float = checked(5.0, at_least(1.0))
     lora: LoraSchema = field(default_factory=LoraSchema)
 
