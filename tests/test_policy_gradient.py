@@ -40,8 +40,9 @@ def test_no_change_gives_zero_log_ratio_and_the_first_order_gradient(objective, 
     # At rho = 1 the ratio loss is -A and the log-hinge loss -A * 0.
     expected = -adv.mean() if objective == "ratio" else torch.tensor(0.0)
     assert torch.allclose(loss, expected)
-    assert all(float(v) == 0.0 for v in stats.values()) and set(stats) == {
-        "approx_kl", "clipfrac", "log_ratio_abs"}
+    assert set(stats) == {"policy_loss", "approx_kl", "clipfrac", "log_ratio_abs"}
+    assert float(stats["policy_loss"]) == float(loss)
+    assert all(float(stats[key]) == 0.0 for key in ("approx_kl", "clipfrac", "log_ratio_abs"))
     loss.backward()
     # d log rho / d f_new at D = 0 is (b / s) z / n per sample, for both routes.
     _, b, s = sampler.coefficients(i)

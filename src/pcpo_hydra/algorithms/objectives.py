@@ -1,7 +1,9 @@
 """Clipped surrogate losses: pure functions of the (credit-scaled) log-ratio and the advantages.
 
-Each returns (per-sample loss, clipped) where `clipped` marks the samples on which the clipped
-branch is strictly larger, i.e. the clip binds and the sample contributes no gradient.
+Each returns (per-sample loss, outside) where `outside` marks the samples whose ratio (log-ratio)
+lies outside the clip interval: the clip fraction as DDPO, DanceGRPO and Flow-GRPO log it, so
+figures compare with theirs. (Only some of those samples lose their gradient: the ones where the
+clipped branch is the larger.)
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from torch import Tensor
 
 
 def _pessimistic(adv: Tensor, value: Tensor, clipped_value: Tensor) -> tuple[Tensor, Tensor]:
-    """max(-A v, -A clip(v)): the PPO pessimistic bound, with where its clip binds."""
-    unclipped, clipped = -adv * value, -adv * clipped_value
-    return torch.maximum(unclipped, clipped), clipped > unclipped
+    """max(-A v, -A clip(v)): the PPO pessimistic bound, with where v lies outside the interval."""
+    return torch.maximum(-adv * value, -adv * clipped_value), value != clipped_value
 
 
 def ratio_objective(log_r: Tensor, adv: Tensor, eps: float) -> tuple[Tensor, Tensor]:

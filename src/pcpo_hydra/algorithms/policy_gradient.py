@@ -70,18 +70,20 @@ class PolicyGradient:
         log_prob_old: Tensor,
         advantages: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(batch-mean loss, detached stats approx_kl, clipfrac, log_ratio_abs) at step(s) i."""
+        """(batch-mean loss, detached stats policy_loss, approx_kl, clipfrac, log_ratio_abs) at step(s) i."""
         log_rho = self._log_ratio(i, sampler, x, prev, noise, f_old, f_new, log_prob_old)
         r = self._scale(i, log_rho) * log_rho
         adv = clip_advantages(advantages, self.adv_clip_max).to(r.dtype)
-        loss, clipped = _OBJECTIVES[self.objective](r, adv, self.clip_range)
+        loss, outside = _OBJECTIVES[self.objective](r, adv, self.clip_range)
+        loss = loss.mean()
         with torch.no_grad():
             stats = {
+                "policy_loss": loss.detach(),
                 "approx_kl": 0.5 * (log_rho**2).mean(),
-                "clipfrac": clipped.to(log_rho.dtype).mean(),
+                "clipfrac": outside.to(log_rho.dtype).mean(),
                 "log_ratio_abs": log_rho.abs().mean(),
             }
-        return loss.mean(), stats
+        return loss, stats
 
     def _log_ratio(
         self, i: Index, sampler: BaseSampler, x: Tensor, prev: Tensor, noise: Tensor,
