@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.checkpoint import latest_checkpoint, load_checkpoint
+from pcpo_hydra.config import trained_steps
 from pcpo_hydra.distributed import build_accelerator, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.tracking import flatten_config, git_commit
@@ -18,10 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def accumulation_steps(cfg: DictConfig) -> int:
-    """Backward passes per optimizer step: micro-batches per update x trained steps per sample."""
+    """Backward passes per optimizer step: micro-batches per update x forwards per micro-batch."""
     samples = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
     micro_batches = samples // cfg.train.batch_size // cfg.train.num_updates
-    return micro_batches * max(1, int(cfg.sampler.num_steps * cfg.train.timestep_fraction))
+    trained = trained_steps(cfg.sampler.num_steps, cfg.train.timestep_fraction)
+    return micro_batches * math.ceil(trained / cfg.train.steps_per_forward)
 
 
 def build_components(cfg: DictConfig, accelerator) -> Components:
@@ -30,9 +33,9 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     model.to(accelerator.device, weight_dtype(cfg.hardware))
     algorithm = instantiate(cfg.algorithm, group_size=cfg.rollout.group_size)
     sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))
-    optimizer = torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, ~5x faster a step on CPU
         model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,
     )
     model.network, optimizer = accelerator.prepare(model.network, optimizer)
     reward = instantiate(cfg.reward)

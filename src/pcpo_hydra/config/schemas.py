@@ -139,6 +139,7 @@ class TrainSchema:
     inner_epochs: int = checked(1, positive())
     timestep_fraction: float = checked(1.0, interval(0.0, 1.0, low_open=True))
     num_updates: int = checked(1, positive())
+    steps_per_forward: int = checked(1, positive())
     max_grad_norm: float = checked(1.0, positive())
 
 

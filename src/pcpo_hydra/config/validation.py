@@ -50,6 +50,11 @@ def _check_group(group: str, cfg: DictConfig, problems: list[str]) -> DictConfig
     return _typed(schema, node, group, problems)
 
 
+def trained_steps(num_steps: int, timestep_fraction: float) -> int:
+    """How many of a sample's sampler steps the update trains (DDPO's timestep_fraction)."""
+    return int(num_steps * timestep_fraction)
+
+
 def _cross_checks(cfg: DictConfig) -> list[str]:
     """Relations between keys that no single field can check."""
     problems = []
@@ -65,12 +70,13 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.num_updates={train.num_updates}: must divide the {total // train.batch_size} "
             f"training micro-batches per inner epoch ({where} / train.batch_size)"
         )
-    trained = int(cfg.sampler.num_steps * train.timestep_fraction)
+    trained = trained_steps(cfg.sampler.num_steps, train.timestep_fraction)
     if trained < 1:
         problems.append(
             f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
             f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
         )
+
     if cfg.resume is not None and latest_checkpoint(Path(cfg.resume)) is None:
         problems.append(
             f"resume={cfg.resume!r}: no complete checkpoint in its checkpoints/ folder "
