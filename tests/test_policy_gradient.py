@@ -41,7 +41,7 @@ def test_no_change_gives_zero_log_ratio_and_the_first_order_gradient(objective, 
     expected = -adv.mean() if objective == "ratio" else torch.tensor(0.0)
     assert torch.allclose(loss, expected)
     assert set(stats) == {"policy_loss", "approx_kl", "clipfrac", "log_ratio_abs"}
-    assert float(stats["policy_loss"]) == float(loss)
+    assert float(stats["policy_loss"]) == float(loss.detach())
     assert all(float(stats[key]) == 0.0 for key in ("approx_kl", "clipfrac", "log_ratio_abs"))
     loss.backward()
     # d log rho / d f_new at D = 0 is (b / s) z / n per sample, for both routes.
@@ -76,7 +76,7 @@ def test_loss_and_gradient_match_the_formula(objective, log_ratio):
     ref.backward()
     assert torch.allclose(loss, ref, rtol=1e-9)
     assert torch.allclose(f_new.grad, f_ref.grad, rtol=1e-7, atol=1e-12)
-    assert 0.0 < float(stats["clipfrac"]) < 1.0  # the chosen D makes the clip bind on some samples
+    assert float(stats["clipfrac"]) > 0.0  # the chosen D moves samples outside the clip interval
 
 
 def test_per_sample_steps_match_a_loop_over_steps():

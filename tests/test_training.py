@@ -21,7 +21,7 @@ TINY = [  # the debug preset with a few more steps, so every phase does real wor
 EPOCH_METRICS = {
     "rollout/reward_mean", "rollout/reward_std", "rollout/reward_min", "rollout/reward_max",
     "rollout/advantage_mean", "rollout/advantage_std", "rollout/advantage_abs_max",
-    "train/loss", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lr",
+    "train/loss", "train/policy_loss", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lr",
     "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s",
 }
 
@@ -70,7 +70,7 @@ def test_one_epoch_logs_metrics_tags_and_artifacts(tmp_path: Path, algorithm: st
     # JPEG compressibility is minus the file size in kB: negative, and ordered min <= mean <= max.
     assert metrics["rollout/reward_min"] <= metrics["rollout/reward_mean"] <= metrics["rollout/reward_max"] < 0
     assert metrics["train/num_updates"] == 2
-    assert metrics["train/lr"] == pytest.approx(3e-3)
+    assert metrics["train/lr"] == pytest.approx(1e-3)  # the tiny recipe's
     # Group-normalised advantages have mean 0 within every group.
     assert abs(metrics["rollout/advantage_mean"]) < 1e-5
 
