@@ -20,6 +20,5 @@ def matching_log_ratio(b: Tensor, s: Tensor, noise: Tensor, f_new: Tensor, f_old
     broadcast against the latents (0-d, or [B, 1, ...]); z is the rollout's stored noise.
     """
     dtype = compute_dtype(f_new.dtype)
-    d = f_new.to(dtype) - f_old.to(dtype)
-    k = b.to(dtype) / s.to(dtype)
-    return mean_over_sample(k * noise.to(dtype) * d - 0.5 * (k * d) ** 2)
+    kd = (b.to(dtype) / s.to(dtype)) * (f_new.to(dtype) - f_old.to(dtype))
+    return mean_over_sample(kd * (noise.to(dtype) - 0.5 * kd))  # (b/s) z D - (b D / s)^2 / 2

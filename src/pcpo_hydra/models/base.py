@@ -83,7 +83,7 @@ class PolicyModel(ABC):
         both = {k: torch.cat([uncond[k].expand(batch, *v.shape[1:]), v]) for k, v in cond.items()}
         timesteps = timestep.repeat(2) if timestep.ndim else timestep
         f_u, f_c = self.forward_network(torch.cat([latents, latents]), timesteps, both).chunk(2)
-        return f_u + self.guidance_scale * (f_c - f_u)
+        return torch.lerp(f_u, f_c, self.guidance_scale)  # f_u + g (f_c - f_u) as one op, forward and back
 
     def unconditional(self) -> dict[str, Tensor]:
         """The empty prompt's conditioning, encoded once per placement."""
