@@ -126,3 +126,17 @@ def test_resume_of_a_directory_without_checkpoints_fails_before_building(tmp_pat
     )
     assert result.returncode == 2
     assert f"resume={str(tmp_path)!r}" in result.stderr and "no complete checkpoint" in result.stderr
+
+
+def test_missing_weights_stop_the_cli_with_the_fix_not_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pcpo_hydra.train", "model=sd15", f"model.pretrained={tmp_path / 'no_sd15'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert f"pcpo-train: Cannot load model '{tmp_path / 'no_sd15'}'" in result.stderr
+    assert "model.pretrained=/path/to/local/pipeline/dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a run that never started

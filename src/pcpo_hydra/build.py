@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,6 +15,7 @@ from pcpo_hydra.checkpoint import latest_checkpoint, load_checkpoint
 from pcpo_hydra.config import trained_steps
 from pcpo_hydra.distributed import build_accelerator, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
+from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.tracking import flatten_config, git_commit
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,19 @@ def accumulation_steps(cfg: DictConfig) -> int:
     return micro_batches * math.ceil(trained / cfg.train.steps_per_forward)
 
 
+def build_model(node: DictConfig):
+    """The policy model; a ModelLoadError reaches the user as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ModelLoadError):
+            raise error.__cause__ from None
+        raise
+
+
 def build_components(cfg: DictConfig, accelerator) -> Components:
     """Instantiate model, sampler, reward, algorithm and prompts; prepare what trains."""
-    model = instantiate(cfg.model, _convert_="all")
+    model = build_model(cfg.model)
     model.to(accelerator.device, weight_dtype(cfg.hardware))
     algorithm = instantiate(cfg.algorithm, group_size=cfg.rollout.group_size)
     sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))

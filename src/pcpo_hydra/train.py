@@ -43,9 +43,15 @@ def main(cfg: DictConfig) -> float:
 
     from pcpo_hydra.build import run
 
+    from pcpo_hydra.models.loading import ModelLoadError
+
     hydra_cfg = HydraConfig.get()
     choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
-    return run(cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task))
+    try:
+        return run(cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task))
+    except ModelLoadError as exc:  # its message says what to do; a traceback would bury it
+        print(f"pcpo-train: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
