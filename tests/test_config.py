@@ -120,7 +120,7 @@ def test_help_and_cfg_job_do_not_import_torch():
 
 def test_tiny_models_bring_their_recipe_and_real_models_keep_paper_values(compose_cfg):
     tiny, real = validate(compose_cfg()), validate(compose_cfg("model=sd15"))
-    assert (tiny.algorithm.clip_range, tiny.sampler.num_steps, tiny.optim.lr, tiny.epochs) == (0.1, 10, 1e-3, 70)
+    assert (tiny.algorithm.clip_range, tiny.sampler.num_steps, tiny.optim.lr, tiny.epochs) == (0.1, 10, 1e-3, 60)
     assert (real.algorithm.clip_range, real.sampler.num_steps, real.optim.lr, real.epochs) == (1e-4, 50, 1e-4, 100)
     # The command line still wins over a recipe.
     assert validate(compose_cfg("algorithm.clip_range=0.2", "epochs=3")).algorithm.clip_range == 0.2
