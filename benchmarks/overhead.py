@@ -117,7 +117,7 @@ def report(arms: dict[str, Arm], device: str, threads: int) -> None:
     # Both do the same network work; only their overheads differ. Adding each one's median
     # overhead to the common median network time removes the machine's drift from the ratio.
     network = _median(e["network"] for e in grpo + pcpo)
-    overhead = {a.name: _median(e["epoch"] - e["network"] for e in a.epochs) for a in arms.values()}
+    overhead = {name: _median(e["epoch"] - e["network"] for e in a.epochs) for name, a in arms.items()}
     print("\nepoch / pure network time: " + ", ".join(
         f"{a.name} {_median(e['epoch'] / e['network'] for e in a.epochs):.3f}" for a in arms.values()))
     print(f"PCPO / GRPO epoch time: {(network + overhead['pcpo']) / (network + overhead['grpo']):.3f} "
