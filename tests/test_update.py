@@ -52,6 +52,8 @@ def test_grouping_steps_into_forwards_leaves_the_update_unchanged(setup, steps_p
     moved = sum(float((one_by_one[n] - before[n]).abs().sum()) for n in before)
     assert moved > 0  # the update did something
     for name in before:
-        torch.testing.assert_close(grouped[name] - before[name], one_by_one[name] - before[name],
-                                   rtol=1e-4, atol=1e-6, msg=name)
+        expected, got = one_by_one[name] - before[name], grouped[name] - before[name]
+        # float32 sums over batches of other sizes round differently: compare at the update's scale
+        error = float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-12)
+        assert error < 1e-4, f"{name}: relative error {error:.2e}"
     assert stats_1["train/num_updates"] == stats_k["train/num_updates"] == 1

@@ -64,22 +64,17 @@ class Algorithm:
 
 
 def build_algorithm(
-    objective: str,
-    log_ratio: str,
-    credit: str,
-    credit_mode: str | None,
-    clip_range: float,
-    adv_clip_max: float,
-    advantage: str,
-    stat_buffer_size: int,
-    stat_min_count: int,
-    group_size: int,
+    advantage: str, stat_buffer_size: int, stat_min_count: int, group_size: int, **policy: Any
 ) -> Algorithm:
-    """Hydra target of conf/algorithm/*.yaml; `group_size` comes from the rollout config."""
-    policy = PolicyGradient(objective, log_ratio, credit, credit_mode, clip_range, adv_clip_max)
+    """Hydra target of conf/algorithm/*.yaml; `group_size` comes from the rollout config.
+
+    The remaining keys (objective, log_ratio, credit, credit_mode, clip_range, adv_clip_max) are
+    PolicyGradient's own arguments; the config schema has already checked them.
+    """
+    clip = policy["adv_clip_max"]
     estimator: AdvantageEstimator = (
-        GroupRelative(group_size, adv_clip_max)
+        GroupRelative(group_size, clip)
         if advantage == "group"
-        else PerPrompt(stat_buffer_size, stat_min_count, adv_clip_max)
+        else PerPrompt(stat_buffer_size, stat_min_count, clip)
     )
-    return Algorithm(policy, estimator)
+    return Algorithm(PolicyGradient(**policy), estimator)
