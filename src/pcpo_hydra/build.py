@@ -29,8 +29,8 @@ def accumulation_steps(cfg: DictConfig) -> int:
     return micro_batches * math.ceil(trained / cfg.train.steps_per_forward)
 
 
-def build_model(node: DictConfig):
-    """The policy model; a ModelLoadError reaches the user as itself, not wrapped by Hydra."""
+def build(node: DictConfig):
+    """Instantiate a component; a ModelLoadError reaches the user as itself, not wrapped by Hydra."""
     try:
         return instantiate(node, _convert_="all")
     except InstantiationException as error:
@@ -41,7 +41,7 @@ def build_model(node: DictConfig):
 
 def build_components(cfg: DictConfig, accelerator) -> Components:
     """Instantiate model, sampler, reward, algorithm and prompts; prepare what trains."""
-    model = build_model(cfg.model)
+    model = build(cfg.model)
     model.to(accelerator.device, weight_dtype(cfg.hardware))
     algorithm = instantiate(cfg.algorithm, group_size=cfg.rollout.group_size)
     sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))
@@ -50,7 +50,7 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
         weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,
     )
     model.network, optimizer = accelerator.prepare(model.network, optimizer)
-    reward = instantiate(cfg.reward)
+    reward = build(cfg.reward)
     prompts = instantiate(cfg.prompts)
     return Components(model, sampler, reward, algorithm, prompts, optimizer)
 

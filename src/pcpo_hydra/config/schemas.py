@@ -64,6 +64,17 @@ class JpegRewardSchema:
     quality: int = checked(95, interval(1, 100))
 
 
+@dataclass
+class ClipScoreSchema:
+    _target_: str = "pcpo_hydra.rewards.clip_score.ClipScore"
+    pretrained: str = MISSING
+    revision: Optional[str] = None
+    batch_size: int = checked(32, positive())
+    device: str = "cpu"
+    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+    scale: float = checked(100.0, positive())
+
+
 # ------------------------------------------------------------------------------------ algorithm
 
 
@@ -185,6 +196,7 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
     "reward": {
         "pcpo_hydra.rewards.jpeg.JpegCompressibility": JpegRewardSchema,
         "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,
+        ClipScoreSchema._target_: ClipScoreSchema,
     },
     "algorithm": {AlgorithmSchema._target_: AlgorithmSchema},
     "hardware": {None: HardwareSchema},

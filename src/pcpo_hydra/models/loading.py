@@ -7,6 +7,7 @@ no files. Users need the model id, the component and the override that fixes it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +29,34 @@ def looks_like_path(pretrained: str) -> bool:
     return False
 
 
-def load_error(pretrained: str, component: str | None, revision: str | None, reason: str) -> ModelLoadError:
+@dataclass(frozen=True)
+class WeightsFor:
+    """Who needs the weights, for the error: its name, the config key to fix, what a local copy holds."""
+
+    kind: str
+    key: str
+    layout: str
+
+
+SD_PIPELINE = WeightsFor(
+    "model", "model.pretrained",
+    "a pipeline folder saved with save_pretrained, holding unet/ vae/ text_encoder/ tokenizer/ scheduler/",
+)
+
+
+def load_error(
+    pretrained: str, component: str | None, revision: str | None, reason: str, owner: WeightsFor = SD_PIPELINE
+) -> ModelLoadError:
     """The error users see: what failed, why in one line, and the override that fixes it."""
     from huggingface_hub import is_offline_mode
 
-    what = f"the {component} of model" if component else "model"
+    what = f"the {component} of {owner.kind}" if component else owner.kind
     source = repr(pretrained) + (f" (revision {revision!r})" if revision else "")
     hub = not looks_like_path(pretrained)
     offline = ""
     if hub and is_offline_mode():
         offline = "HF_HUB_OFFLINE is set and the files are not in the local cache. "
-    fix = (
-        "Fix: set model.pretrained=/path/to/local/pipeline/dir (a folder saved with save_pretrained, "
-        "holding unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
-    )
+    fix = f"Fix: set {owner.key}=/path/to/local/dir ({owner.layout})"
     if hub:
         fix += (
             f", or make the Hugging Face Hub reachable (unset HF_HUB_OFFLINE) / pre-download it with "
@@ -57,22 +72,27 @@ def _first_line(error: BaseException) -> str:
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
-def check_source(pretrained: str, revision: str | None = None) -> None:
+def check_source(pretrained: str, revision: str | None = None, owner: WeightsFor = SD_PIPELINE) -> None:
     """Fail before any download when `pretrained` names a local folder that does not exist."""
     local = Path(pretrained).expanduser()
     if not local.exists() and looks_like_path(pretrained):
         reason = f"no such local directory {str(local)!r}, and not a hub id"
-        raise load_error(pretrained, None, revision, reason)
+        raise load_error(pretrained, None, revision, reason, owner)
 
 
-def load_component(loader: Any, pretrained: str, subfolder: str, revision: str | None = None) -> Any:
-    """`loader.from_pretrained(pretrained, subfolder=...)`, re-raised as ModelLoadError on failure."""
+def load_component(
+    loader: Any, pretrained: str, subfolder: str, revision: str | None = None, owner: WeightsFor = SD_PIPELINE
+) -> Any:
+    """`loader.from_pretrained(pretrained, subfolder=...)`, re-raised as ModelLoadError on failure.
+
+    subfolder "" loads from the folder itself (a single-model checkpoint such as CLIP's).
+    """
     local = Path(pretrained).expanduser()
     if local.is_dir() and not (local / subfolder).is_dir():
-        raise load_error(pretrained, subfolder, revision, f"the local folder has no {subfolder}/ subfolder")
+        raise load_error(pretrained, subfolder, revision, f"the local folder has no {subfolder}/ subfolder", owner)
     source = str(local) if local.is_dir() else pretrained
     try:
         return loader.from_pretrained(source, subfolder=subfolder, revision=revision)
     except (OSError, ValueError) as error:
         # The reason line carries the library's message; its deep traceback helps no one.
-        raise load_error(pretrained, subfolder, revision, _first_line(error)) from None
+        raise load_error(pretrained, subfolder or None, revision, _first_line(error), owner) from None

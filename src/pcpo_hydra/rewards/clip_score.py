@@ -1,0 +1,71 @@
+"""CLIPScore: how well an image matches its prompt, as CLIP's image-text cosine similarity.
+
+Reported like torchmetrics' CLIPScore: `scale * max(cos, 0)` with scale 100 (Hessel et al. use
+2.5 on ViT-B/32; set `reward.scale`). Images go through the checkpoint's own image processor
+(resize, centre crop, normalisation from its preprocessor_config.json), on 8-bit pixels as CLIP
+saw them in training, so the score equals what the released model gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
+from pcpo_hydra.rewards.base import BaseReward
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CLIP_LAYOUT = "a folder saved with save_pretrained holding the CLIP model, its tokenizer and image processor"
+
+
+def to_uint8_arrays(images: Tensor) -> list[np.ndarray]:
+    """[B, 3, H, W] in [0, 1] -> B arrays H x W x 3 of uint8, rounded as image files store them."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
+
+
+class ClipScore(BaseReward):
+    """`scale * max(cos(image embedding, text embedding), 0)` of a CLIP model (hub id or local dir)."""
+
+    name = "clipscore"
+
+    def __init__(
+        self,
+        pretrained: str = "openai/clip-vit-base-patch32",
+        revision: str | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        dtype: str = "float32",
+        scale: float = 100.0,
+    ) -> None:
+        super().__init__(batch_size)
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        owner = WeightsFor(f"reward {self.name!r}", "reward.pretrained", CLIP_LAYOUT)
+        check_source(pretrained, revision, owner)
+        self.tokenizer = load_component(CLIPTokenizer, pretrained, "", revision, owner)
+        self.processor = load_component(CLIPImageProcessor, pretrained, "", revision, owner)
+        model = load_component(CLIPModel, pretrained, "", revision, owner)
+        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        self.scale = float(scale)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """The checkpoint's image transform: pixel values [B, 3, S, S], float32, on the CPU."""
+        return self.processor(images=to_uint8_arrays(images), return_tensors="pt").pixel_values
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Unit-norm projected image embeddings [B, D] in float32."""
+        pixels = self.preprocess(images).to(self.model.device, self.model.dtype)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    def embed_prompts(self, prompts: list[str]) -> Tensor:
+        """Unit-norm projected text embeddings [B, D] in float32; prompts cut at CLIP's 77 tokens."""
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        pooled = self.model.text_model(**tokens).pooler_output
+        return torch.nn.functional.normalize(self.model.text_projection(pooled).float(), dim=-1)
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        cosine = (self.embed_images(images) * self.embed_prompts(prompts)).sum(-1)
+        return self.scale * cosine.clamp(min=0)
