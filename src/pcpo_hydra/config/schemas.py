@@ -25,10 +25,16 @@ class LoraSchema:
 
 
 @dataclass
-class StableDiffusionSchema:
-    _target_: str = "pcpo_hydra.models.stable_diffusion.load_stable_diffusion"
+class PretrainedSchema:
+    """Weights from a hub id or a local folder (models and rewards alike)."""
+
     pretrained: str = MISSING
     revision: Optional[str] = None
+
+
+@dataclass
+class StableDiffusionSchema(PretrainedSchema):
+    _target_: str = "pcpo_hydra.models.stable_diffusion.load_stable_diffusion"
     resolution: int = checked(512, positive())
     guidance_scale: float = checked(5.0, at_least(1.0))
     gradient_checkpointing: bool = False
@@ -65,10 +71,8 @@ class JpegRewardSchema:
 
 
 @dataclass
-class ClipScoreSchema:
+class ClipScoreSchema(PretrainedSchema):
     _target_: str = "pcpo_hydra.rewards.clip_score.ClipScore"
-    pretrained: str = MISSING
-    revision: Optional[str] = None
     batch_size: int = checked(32, positive())
     device: str = "cpu"
     dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
