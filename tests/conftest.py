@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -20,3 +22,35 @@ def compose_cfg() -> Callable[..., DictConfig]:
             return compose(config_name="train", overrides=list(overrides))
 
     return _compose
+
+
+CLIP_SIDE = 24
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP with a character-level tokenizer and CLIP's own image transform at 24 px."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pcpo_hydra.models.tiny import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4,
+                     "max_position_embeddings": tokenizer.model_max_length,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"image_size": CLIP_SIDE, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 4},
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": CLIP_SIDE}, crop_size={"height": CLIP_SIDE, "width": CLIP_SIDE},
+                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(folder)
+    return folder

@@ -137,6 +137,6 @@ def test_missing_weights_stop_the_cli_with_the_fix_not_a_traceback(tmp_path: Pat
     )
     assert result.returncode == 1
     assert f"pcpo-train: Cannot load model '{tmp_path / 'no_sd15'}'" in result.stderr
-    assert "model.pretrained=/path/to/local/dir (a pipeline folder" in result.stderr
+    assert "model.pretrained=<local path> (a pipeline folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a run that never started

@@ -79,6 +79,15 @@ class ClipScoreSchema(PretrainedSchema):
     scale: float = checked(100.0, positive())
 
 
+@dataclass
+class AestheticSchema(PretrainedSchema):
+    _target_: str = "pcpo_hydra.rewards.aesthetic.AestheticScore"
+    head: str = MISSING
+    batch_size: int = checked(32, positive())
+    device: str = "cpu"
+    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+
+
 # ------------------------------------------------------------------------------------ algorithm
 
 
@@ -201,6 +210,7 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         "pcpo_hydra.rewards.jpeg.JpegCompressibility": JpegRewardSchema,
         "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,
         ClipScoreSchema._target_: ClipScoreSchema,
+        AestheticSchema._target_: AestheticSchema,
     },
     "algorithm": {AlgorithmSchema._target_: AlgorithmSchema},
     "hardware": {None: HardwareSchema},

@@ -56,7 +56,7 @@ def load_error(
     offline = ""
     if hub and is_offline_mode():
         offline = "HF_HUB_OFFLINE is set and the files are not in the local cache. "
-    fix = f"Fix: set {owner.key}=/path/to/local/dir ({owner.layout})"
+    fix = f"Fix: set {owner.key}=<local path> ({owner.layout})"
     if hub:
         fix += (
             f", or make the Hugging Face Hub reachable (unset HF_HUB_OFFLINE) / pre-download it with "

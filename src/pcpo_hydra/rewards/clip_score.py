@@ -25,30 +25,17 @@ def to_uint8_arrays(images: Tensor) -> list[np.ndarray]:
     return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 
-class ClipScore(BaseReward):
-    """`scale * max(cos(image embedding, text embedding), 0)` of a CLIP model (hub id or local dir)."""
+class ClipEmbedder:
+    """A CLIP checkpoint (model, tokenizer, image processor) turning images and prompts into unit vectors."""
 
-    name = "clipscore"
-
-    def __init__(
-        self,
-        pretrained: str = "openai/clip-vit-base-patch32",
-        revision: str | None = None,
-        batch_size: int = 32,
-        device: str = "cpu",
-        dtype: str = "float32",
-        scale: float = 100.0,
-    ) -> None:
-        super().__init__(batch_size)
+    def __init__(self, pretrained: str, revision: str | None, device: str, dtype: str, owner: WeightsFor) -> None:
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-        owner = WeightsFor(f"reward {self.name!r}", "reward.pretrained", CLIP_LAYOUT)
         check_source(pretrained, revision, owner)
         self.tokenizer = load_component(CLIPTokenizer, pretrained, "", revision, owner)
         self.processor = load_component(CLIPImageProcessor, pretrained, "", revision, owner)
         model = load_component(CLIPModel, pretrained, "", revision, owner)
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-        self.scale = float(scale)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """The checkpoint's image transform: pixel values [B, 3, S, S], float32, on the CPU."""
@@ -66,6 +53,26 @@ class ClipScore(BaseReward):
         pooled = self.model.text_model(**tokens).pooler_output
         return torch.nn.functional.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
+
+class ClipScore(BaseReward):
+    """`scale * max(cos(image embedding, text embedding), 0)` of a CLIP model (hub id or local dir)."""
+
+    name = "clipscore"
+
+    def __init__(
+        self,
+        pretrained: str = "openai/clip-vit-base-patch32",
+        revision: str | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        dtype: str = "float32",
+        scale: float = 100.0,
+    ) -> None:
+        super().__init__(batch_size)
+        owner = WeightsFor(f"reward {self.name!r}", "reward.pretrained", CLIP_LAYOUT)
+        self.clip = ClipEmbedder(pretrained, revision, device, dtype, owner)
+        self.scale = float(scale)
+
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        cosine = (self.embed_images(images) * self.embed_prompts(prompts)).sum(-1)
+        cosine = (self.clip.embed_images(images) * self.clip.embed_prompts(prompts)).sum(-1)
         return self.scale * cosine.clamp(min=0)
