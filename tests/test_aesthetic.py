@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,32 @@ def test_config_option_composes_and_rejects_a_bad_batch_size(compose_cfg) -> Non
     assert cfg.reward.pretrained == "openai/clip-vit-large-patch14"
     with pytest.raises(ConfigError, match="reward.batch_size=0"):
         validate(compose_cfg("reward=aesthetic", "reward.batch_size=0"))
+
+
+def test_an_unreachable_head_url_is_a_clear_error(tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    url = "http://127.0.0.1:9/sac+logos+ava1-l14-linearMSE.pth"  # the discard port: nothing listens
+    with pytest.raises(ModelLoadError, match=r"Cannot load reward 'aesthetic' 'http://127.0.0.1:9/.*reward.head="):
+        AestheticScore(pretrained=str(tiny_clip_dir), head=url)
+
+
+def test_a_head_url_is_downloaded_once_into_torchs_hub_cache(
+    tiny_clip_dir: Path, head_pth: Path, tmp_path: Path, monkeypatch
+) -> None:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(head_pth.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        url = f"http://127.0.0.1:{server.server_address[1]}/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+        from_url = AestheticScore(pretrained=str(tiny_clip_dir), head=url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    cached = tmp_path / "hub" / "pcpo_hydra" / "sac+logos+ava1-l14-linearMSE.pth"
+    assert cached.read_bytes() == head_pth.read_bytes()
+    again = AestheticScore(pretrained=str(tiny_clip_dir), head=url)  # the server is gone: the cache serves
+    batch = images(2)
+    assert torch.equal(from_url(batch, ["a", "b"]), again(batch, ["a", "b"]))

@@ -34,16 +34,37 @@ class AestheticHead(nn.Module):
         return self.layers(embeddings).squeeze(-1)
 
 
+LAION_HEAD = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
+)
+
+
+def _download(url: str, owner: WeightsFor) -> Path:
+    """An https file, downloaded once into torch's hub cache (where DDPO-style code keeps it)."""
+    from urllib.parse import unquote, urlparse
+
+    target = Path(torch.hub.get_dir()) / "pcpo_hydra" / unquote(Path(urlparse(url).path).name)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=False)
+        except OSError as error:  # URLError and HTTPError are OSErrors
+            raise load_error(url, None, None, str(error).splitlines()[0], owner) from None
+    return target
+
+
 def head_file(head: str, owner: WeightsFor) -> Path:
-    """A local file as given, or `<user>/<repo>/<file>` fetched from the hub (cached)."""
+    """A local file as given, an https URL (cached), or `<user>/<repo>/<file>` on the hub (cached)."""
     local = Path(head).expanduser()
     if local.is_file():
         return local
+    if head.startswith(("https://", "http://")):
+        return _download(head, owner)
     if head.startswith(("/", ".", "~")):
         raise load_error(head, None, None, f"no such file {str(local)!r}", owner)
     parts = head.split("/")
     if len(parts) < 3:
-        raise load_error(head, None, None, "neither a local file nor <user>/<repo>/<file> on the hub", owner)
+        raise load_error(head, None, None, "neither a local file, an https URL nor <user>/<repo>/<file> on the hub", owner)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -77,7 +98,7 @@ class AestheticScore(BaseReward):
     def __init__(
         self,
         pretrained: str = "openai/clip-vit-large-patch14",
-        head: str = "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth",
+        head: str = LAION_HEAD,
         revision: str | None = None,
         batch_size: int = 32,
         device: str = "cpu",
