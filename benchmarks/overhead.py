@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import torch
 from hydra import compose, initialize_config_dir
 
-from pcpo_hydra.build import accumulation_steps, build_components
+from pcpo_hydra import build
 from pcpo_hydra.config import validate
-from pcpo_hydra.distributed import build_accelerator, seed_everything
 from pcpo_hydra.loop import Trainer
 from pcpo_hydra.train import config_dir
 
@@ -50,9 +49,7 @@ def build_trainer(overrides: list[str], algorithm: str) -> Trainer:
     """The trainer `pcpo-train` would build, without MLflow or checkpoints."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = validate(compose("train", [*overrides, f"algorithm={algorithm}", "checkpoint_every=0"]))
-    seed_everything(cfg.seed)
-    accelerator = build_accelerator(cfg.hardware, accumulation_steps(cfg))
-    return Trainer(cfg, build_components(cfg, accelerator), accelerator, tracker=None, run_dir=".")
+    return build.build_trainer(cfg, run_dir=".", track=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -107,19 +104,18 @@ def _median(values) -> float:
 def report(arms: dict[str, Arm], device: str, threads: int) -> None:
     grpo, pcpo = arms["grpo"].epochs, arms["pcpo"].epochs
     print(f"\ndevice {device}, torch threads {threads}, {len(grpo)} measured epochs per algorithm (medians)")
+    overhead = {name: _median(e["epoch"] - e["network"] for e in a.epochs) for name, a in arms.items()}
+    per_net = {name: _median(e["epoch"] / e["network"] for e in a.epochs) for name, a in arms.items()}
     columns = [*PHASES, "network"]
     print(f"{'':6s}" + "".join(f"{c + ' s':>11s}" for c in columns) + f"{'overhead s':>12s}{'epoch/net':>11s}")
-    for arm in arms.values():
-        print(f"{arm.name:6s}" + "".join(f"{_median(e[c] for e in arm.epochs):11.3f}" for c in columns)
-              + f"{_median(e['epoch'] - e['network'] for e in arm.epochs):12.3f}"
-              + f"{_median(e['epoch'] / e['network'] for e in arm.epochs):11.3f}")
+    for name, arm in arms.items():
+        print(f"{name:6s}" + "".join(f"{_median(e[c] for e in arm.epochs):11.3f}" for c in columns)
+              + f"{overhead[name]:12.3f}{per_net[name]:11.3f}")
     raw = [p["epoch"] / g["epoch"] for g, p in zip(grpo, pcpo)]
     # Both do the same network work; only their overheads differ. Adding each one's median
     # overhead to the common median network time removes the machine's drift from the ratio.
     network = _median(e["network"] for e in grpo + pcpo)
-    overhead = {name: _median(e["epoch"] - e["network"] for e in a.epochs) for name, a in arms.items()}
-    print("\nepoch / pure network time: " + ", ".join(
-        f"{a.name} {_median(e['epoch'] / e['network'] for e in a.epochs):.3f}" for a in arms.values()))
+    print("\nepoch / pure network time: " + ", ".join(f"{name} {ratio:.3f}" for name, ratio in per_net.items()))
     print(f"PCPO / GRPO epoch time: {(network + overhead['pcpo']) / (network + overhead['grpo']):.3f} "
           f"from overheads on the common network time; {_median(raw):.3f} as the median of "
           f"{len(raw)} neighbouring epoch pairs (quartiles {statistics.quantiles(raw, n=4)[0]:.3f}"

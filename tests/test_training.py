@@ -26,14 +26,14 @@ EPOCH_METRICS = {
 }
 
 
-def pcpo_train(store: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run the console script's module with a private MLflow store; fail the test on a non-zero exit."""
+def pcpo_train(store: Path, *overrides: str, returncode: int = 0) -> subprocess.CompletedProcess:
+    """Run the console script's module with a private MLflow store; check its exit status."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     result = subprocess.run(
         [sys.executable, "-m", "pcpo_hydra.train", *TINY, *overrides],
         env=env, capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == returncode, result.stderr[-4000:]
     return result
 
 
@@ -120,22 +120,13 @@ def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_p
 
 def test_resume_of_a_directory_without_checkpoints_fails_before_building(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "pcpo_hydra.train", f"resume={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
+    result = pcpo_train(tmp_path / "mlflow.db", f"resume={tmp_path}", returncode=2)
     assert f"resume={str(tmp_path)!r}" in result.stderr and "no complete checkpoint" in result.stderr
 
 
 def test_missing_weights_stop_the_cli_with_the_fix_not_a_traceback(tmp_path: Path) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pcpo_hydra.train", "model=sd15", f"model.pretrained={tmp_path / 'no_sd15'}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 1
+    result = pcpo_train(tmp_path / "mlflow.db", "model=sd15", f"model.pretrained={tmp_path / 'no_sd15'}",
+                        f"hydra.run.dir={tmp_path / 'run'}", returncode=1)
     assert f"pcpo-train: Cannot load model '{tmp_path / 'no_sd15'}'" in result.stderr
     assert "model.pretrained=<local path> (a pipeline folder" in result.stderr
     assert "Traceback" not in result.stderr

@@ -66,13 +66,19 @@ def run_tags(choices: dict[str, str], overrides: list[str]) -> dict[str, str]:
     return tags
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str]) -> float:
-    """Train one run in `run_dir`; resumes from its latest checkpoint when `cfg.resume` is set."""
+def build_trainer(cfg: DictConfig, run_dir: Path, track: bool = True) -> Trainer:
+    """Seeded parts, accelerator and trainer; the main process gets the MLflow tracker if `track`."""
     seed_everything(cfg.seed)
     accelerator = build_accelerator(cfg.hardware, accumulation_steps(cfg))
     parts = build_components(cfg, accelerator)
-    tracker = instantiate(cfg.logger) if accelerator.is_main_process else None
-    trainer = Trainer(cfg, parts, accelerator, tracker, run_dir)
+    tracker = instantiate(cfg.logger) if track and accelerator.is_main_process else None
+    return Trainer(cfg, parts, accelerator, tracker, run_dir)
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str]) -> float:
+    """Train one run in `run_dir`; resumes from its latest checkpoint when `cfg.resume` is set."""
+    trainer = build_trainer(cfg, run_dir)
+    parts, tracker = trainer.parts, trainer.tracker
     run_id = None
     if cfg.resume is not None:
         checkpoint = latest_checkpoint(run_dir)

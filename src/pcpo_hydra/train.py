@@ -42,7 +42,6 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from pcpo_hydra.build import run
-
     from pcpo_hydra.models.loading import ModelLoadError
 
     hydra_cfg = HydraConfig.get()

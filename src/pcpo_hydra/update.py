@@ -51,9 +51,9 @@ def update_policy(
     n, steps = traj.log_probs.shape
     trained = trained_steps(steps, train.timestep_fraction)
     params = model.trainable_parameters()
-    totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=traj.latents.device))
-    forwards, grad_norms = 0, []
     device = traj.latents.device
+    totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    forwards, grad_norms = 0, []
     for _ in range(train.inner_epochs):
         order = torch.randperm(n, generator=generator).to(device)
         step_order = _step_order(n, steps, trained, generator).to(device)
@@ -67,7 +67,7 @@ def update_policy(
                         k, sampler, x, traj.latents[r, k + 1], traj.noise[r, k],
                         traj.outputs[r, k], f_new, traj.log_probs[r, k], traj.advantages[r],
                     )
-                    accelerator.backward(loss * weight if weight != 1.0 else loss)
+                    accelerator.backward(loss * weight)
                     if accelerator.sync_gradients:  # only here: the wrapped step costs ~1 ms even as a no-op
                         grad_norms.append(accelerator.clip_grad_norm_(params, train.max_grad_norm))
                         optimizer.step()

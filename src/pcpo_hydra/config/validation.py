@@ -76,7 +76,6 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
             f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
         )
-
     if cfg.resume is not None and latest_checkpoint(Path(cfg.resume)) is None:
         problems.append(
             f"resume={cfg.resume!r}: no complete checkpoint in its checkpoints/ folder "

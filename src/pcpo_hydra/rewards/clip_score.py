@@ -8,21 +8,15 @@ saw them in training, so the score equals what the released model gives.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from pcpo_hydra.image_grid import to_uint8
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
 from pcpo_hydra.rewards.base import BaseReward
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLIP_LAYOUT = "a folder saved with save_pretrained holding the CLIP model, its tokenizer and image processor"
-
-
-def to_uint8_arrays(images: Tensor) -> list[np.ndarray]:
-    """[B, 3, H, W] in [0, 1] -> B arrays H x W x 3 of uint8, rounded as image files store them."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 
 class ClipEmbedder:
@@ -39,7 +33,7 @@ class ClipEmbedder:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """The checkpoint's image transform: pixel values [B, 3, S, S], float32, on the CPU."""
-        return self.processor(images=to_uint8_arrays(images), return_tensors="pt").pixel_values
+        return self.processor(images=list(to_uint8(images)), return_tensors="pt").pixel_values
 
     def embed_images(self, images: Tensor) -> Tensor:
         """Unit-norm projected image embeddings [B, D] in float32."""
