@@ -96,3 +96,40 @@ def load_component(
     except (OSError, ValueError) as error:
         # The reason line carries the library's message; its deep traceback helps no one.
         raise load_error(pretrained, subfolder or None, revision, _first_line(error), owner) from None
+
+
+def _download(url: str, owner: WeightsFor) -> Path:
+    """An https file, downloaded once into torch's hub cache (where DDPO-style code keeps its files)."""
+    from urllib.parse import unquote, urlparse
+
+    import torch
+
+    target = Path(torch.hub.get_dir()) / "pcpo_hydra" / unquote(Path(urlparse(url).path).name)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=False)
+        except OSError as error:  # URLError and HTTPError are OSErrors
+            raise load_error(url, None, None, str(error).splitlines()[0], owner) from None
+    return target
+
+
+def weight_file(source: str, owner: WeightsFor) -> Path:
+    """A single weight file: a local path as given, an https URL (cached), or `<user>/<repo>/<file>` on the hub."""
+    local = Path(source).expanduser()
+    if local.is_file():
+        return local
+    if source.startswith(("https://", "http://")):
+        return _download(source, owner)
+    if source.startswith(("/", ".", "~")):
+        raise load_error(source, None, None, f"no such file {str(local)!r}", owner)
+    parts = source.split("/")
+    if len(parts) < 3:
+        raise load_error(source, None, None, "neither a local file, an https URL nor <user>/<repo>/<file> on the hub", owner)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        raise load_error(source, None, None, str(error).splitlines()[0], owner) from None

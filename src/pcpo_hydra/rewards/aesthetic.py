@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.models.loading import WeightsFor, load_error
+from pcpo_hydra.models.loading import WeightsFor, load_error, weight_file
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import CLIP_LAYOUT, ClipEmbedder
 
@@ -37,41 +37,6 @@ class AestheticHead(nn.Module):
 LAION_HEAD = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
 )
-
-
-def _download(url: str, owner: WeightsFor) -> Path:
-    """An https file, downloaded once into torch's hub cache (where DDPO-style code keeps it)."""
-    from urllib.parse import unquote, urlparse
-
-    target = Path(torch.hub.get_dir()) / "pcpo_hydra" / unquote(Path(urlparse(url).path).name)
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, str(target), progress=False)
-        except OSError as error:  # URLError and HTTPError are OSErrors
-            raise load_error(url, None, None, str(error).splitlines()[0], owner) from None
-    return target
-
-
-def head_file(head: str, owner: WeightsFor) -> Path:
-    """A local file as given, an https URL (cached), or `<user>/<repo>/<file>` on the hub (cached)."""
-    local = Path(head).expanduser()
-    if local.is_file():
-        return local
-    if head.startswith(("https://", "http://")):
-        return _download(head, owner)
-    if head.startswith(("/", ".", "~")):
-        raise load_error(head, None, None, f"no such file {str(local)!r}", owner)
-    parts = head.split("/")
-    if len(parts) < 3:
-        raise load_error(head, None, None, "neither a local file, an https URL nor <user>/<repo>/<file> on the hub", owner)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-    except (OSError, ValueError, HfHubHTTPError) as error:
-        raise load_error(head, None, None, str(error).splitlines()[0], owner) from None
 
 
 def load_head(path: Path, owner: WeightsFor) -> AestheticHead:
@@ -108,7 +73,7 @@ class AestheticScore(BaseReward):
         kind = f"reward {self.name!r}"
         self.clip = ClipEmbedder(pretrained, revision, device, dtype, WeightsFor(kind, "reward.pretrained", CLIP_LAYOUT))
         owner = WeightsFor(kind, "reward.head", HEAD_LAYOUT)
-        self.head = load_head(head_file(head, owner), owner).to(self.clip.model.device)
+        self.head = load_head(weight_file(head, owner), owner).to(self.clip.model.device)
         width = self.clip.model.config.projection_dim
         if self.head.layers[0].in_features != width:
             raise load_error(head, None, None, f"the head takes {self.head.layers[0].in_features}-d embeddings, "
