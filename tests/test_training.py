@@ -19,7 +19,7 @@ TINY = [  # the debug preset with a few more steps, so every phase does real wor
     "rollout.batch_size=8", "train.batch_size=4", "train.num_updates=2", "hardware.num_threads=1",
 ]
 EPOCH_METRICS = {
-    "rollout/reward_mean", "rollout/reward_std", "rollout/reward_min", "rollout/reward_max",
+    "rollout/reward_mean", "rollout/reward_std", "rollout/reward_min", "rollout/reward_max", "rollout/reward_nonfinite",
     "rollout/advantage_mean", "rollout/advantage_std", "rollout/advantage_abs_max",
     "train/loss", "train/policy_loss", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lr",
     "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s",
@@ -131,3 +131,33 @@ def test_missing_weights_stop_the_cli_with_the_fix_not_a_traceback(tmp_path: Pat
     assert "model.pretrained=<local path> (a pipeline folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a run that never started
+
+
+def test_failed_rewards_are_left_out_and_counted_without_stopping_training(compose_cfg, tmp_path: Path) -> None:
+    """A reward that returns NaN / inf for some samples: zero advantage for them, a count, finite weights."""
+    import torch
+
+    from pcpo_hydra.build import build_trainer
+    from pcpo_hydra.config import validate
+
+    trainer = build_trainer(validate(compose_cfg(*TINY)), tmp_path, track=False)
+    real = trainer.parts.reward
+
+    class FailsTwice:
+        name = "fails_twice"
+
+        def score_parts(self, images, prompts):
+            rewards, parts = real.score_parts(images, prompts)
+            rewards[1], rewards[5] = float("nan"), float("inf")
+            return rewards, parts
+
+    trainer.parts.reward = FailsTwice()
+    before = [p.detach().clone() for p in trainer.parts.model.trainable_parameters()]
+    traj, train_stats = trainer.run_epoch()
+    metrics = trainer.epoch_metrics(traj, train_stats)
+    assert metrics["rollout/reward_nonfinite"] == 2
+    assert traj.advantages[1] == 0 and traj.advantages[5] == 0
+    assert math.isfinite(metrics["rollout/reward_mean"]) and math.isfinite(metrics["train/loss"])
+    after = list(trainer.parts.model.trainable_parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the finite samples still trained

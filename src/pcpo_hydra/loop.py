@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
+from torch import Tensor
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -34,6 +35,20 @@ class Components:
     algorithm: Any      # .policy (losses) and .advantages (reward -> advantage)
     prompts: Any
     optimizer: torch.optim.Optimizer
+
+
+def reward_stats(prefix: str, rewards: Tensor) -> dict[str, float]:
+    """Mean, std, min and max of the finite rewards (NaN if none) and how many were NaN or inf."""
+    finite = rewards[torch.isfinite(rewards)].float()
+    if not len(finite):
+        finite = torch.full((1,), float("nan"))
+    return {
+        f"{prefix}_mean": finite.mean().item(),
+        f"{prefix}_std": finite.std(unbiased=False).item(),
+        f"{prefix}_min": finite.min().item(),
+        f"{prefix}_max": finite.max().item(),
+        f"{prefix}_nonfinite": float((~torch.isfinite(rewards)).sum()),
+    }
 
 
 class Trainer:
@@ -95,11 +110,9 @@ class Trainer:
 
     def score(self, traj: Trajectories) -> None:
         with self.timed("reward"):
-            rewards = self.parts.reward(traj.images, traj.prompts)
+            rewards, traj.extras["reward_parts"] = self.parts.reward.score_parts(traj.images, traj.prompts)
             traj.rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
-            traj.advantages, traj.extras["nonfinite"] = self.parts.algorithm.advantages(
-                traj.prompts, traj.rewards
-            )
+            traj.advantages = self.parts.algorithm.advantages(traj.prompts, traj.rewards)
 
     def update(self, traj: Trajectories) -> dict[str, float]:
         with self.timed("update"):
@@ -137,20 +150,17 @@ class Trainer:
     # ------------------------------------------------------------------------------- outputs
 
     def epoch_metrics(self, traj: Trajectories, train_stats: dict[str, float]) -> dict[str, float]:
-        rewards = traj.rewards[torch.isfinite(traj.rewards)]
         adv = traj.advantages
         metrics = {
-            "rollout/reward_mean": rewards.mean().item(),
-            "rollout/reward_std": rewards.std(unbiased=False).item(),
-            "rollout/reward_min": rewards.min().item(),
-            "rollout/reward_max": rewards.max().item(),
-            "rollout/nonfinite_rewards": float(traj.extras["nonfinite"]),
+            **reward_stats("rollout/reward", traj.rewards),
             "rollout/advantage_mean": adv.mean().item(),
             "rollout/advantage_std": adv.std(unbiased=False).item(),
             "rollout/advantage_abs_max": adv.abs().max().item(),
             "train/lr": self.parts.optimizer.param_groups[0]["lr"],
             **train_stats,
         }
+        for name, values in traj.extras["reward_parts"].items():
+            metrics.update(reward_stats(f"reward/{name}", values))
         metrics.update({f"time/{phase}_s": seconds for phase, seconds in self.timings.items()})
         metrics["perf/images_per_s"] = len(traj) / self.timings["epoch"]
         return metrics

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tuple[Tensor, int]:
-    """((r - group mean) / (group std + eps), number of non-finite rewards).
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """(r - group mean) / (group std + eps), per sample.
 
     Groups are consecutive blocks of `group_size` samples (one prompt each). The std is the
     population std (divide by n), as the GRPO image-model references use. A NaN or inf reward
@@ -27,7 +27,7 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tup
     centred = torch.where(finite, r, 0.0)
     centred = torch.where(finite, centred - centred.sum(1, keepdim=True) / count, 0.0)
     std = ((centred**2).sum(1, keepdim=True) / count).sqrt()
-    return (centred / (std + eps)).reshape(-1), int((~finite).sum())
+    return (centred / (std + eps)).reshape(-1)
 
 
 def clip_advantages(adv: Tensor, max_abs: float) -> Tensor:

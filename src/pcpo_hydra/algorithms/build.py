@@ -13,7 +13,7 @@ from pcpo_hydra.algorithms.policy_gradient import PolicyGradient
 
 
 class AdvantageEstimator(Protocol):
-    def __call__(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, int]: ...
+    def __call__(self, prompts: list[str], rewards: Tensor) -> Tensor: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -25,9 +25,8 @@ class GroupRelative:
     group_size: int
     clip: float
 
-    def __call__(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, int]:
-        advantages, nonfinite = group_advantages(rewards, self.group_size)
-        return clip_advantages(advantages, self.clip), nonfinite
+    def __call__(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        return clip_advantages(group_advantages(rewards, self.group_size), self.clip)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -43,12 +42,12 @@ class PerPrompt:
         self.tracker = PerPromptStatTracker(buffer_size, min_count)
         self.clip = clip
 
-    def __call__(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, int]:
+    def __call__(self, prompts: list[str], rewards: Tensor) -> Tensor:
         finite = torch.isfinite(rewards)
         advantages = torch.zeros_like(rewards)
         kept = [p for p, ok in zip(prompts, finite.tolist()) if ok]
         advantages[finite] = self.tracker.update(kept, rewards[finite]).to(rewards)
-        return clip_advantages(advantages, self.clip), int((~finite).sum())
+        return clip_advantages(advantages, self.clip)
 
     def state_dict(self) -> dict[str, Any]:
         return self.tracker.state_dict()

@@ -47,7 +47,7 @@ def checked(default: Any, constraint: Constraint, *, doc: str = "") -> Any:
 
 
 def violations(node: Any, prefix: str) -> Iterator[str]:
-    """Yield 'key=value: must be ...' for every constrained field of a dataclass tree."""
+    """Yield 'key=value: must be ...' for every constrained field and broken relation of a dataclass tree."""
     if not is_dataclass(node):
         return
     for f in fields(node):
@@ -57,3 +57,6 @@ def violations(node: Any, prefix: str) -> Iterator[str]:
         if constraint is not None and value is not None and not constraint.test(value):
             yield f"{key}={value!r}: must be {constraint.allowed}"
         yield from violations(value, key)
+    relations = getattr(node, "relations", None)  # a schema's checks between its own fields
+    if relations is not None:
+        yield from relations(prefix)

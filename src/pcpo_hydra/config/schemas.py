@@ -7,7 +7,7 @@ model is built. Field defaults mirror conf/; the YAML files stay the source of e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Dict, Iterator, Optional
 
 from omegaconf import MISSING
 
@@ -86,6 +86,22 @@ class AestheticSchema(PretrainedSchema):
     batch_size: int = checked(32, positive())
     device: str = "cpu"
     dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class MultiRewardSchema:
+    """Each component is a whole reward node, checked against its own schema (see NESTED)."""
+
+    NESTED: ClassVar[dict[str, str]] = {"components": "reward"}  # field -> group its values belong to
+    _target_: str = "pcpo_hydra.rewards.multi.MultiReward"
+    components: Dict[str, Any] = field(default_factory=dict)
+    weights: Dict[str, float] = field(default_factory=dict)
+
+    def relations(self, prefix: str) -> Iterator[str]:
+        """Every component needs a weight and every weight a component."""
+        if set(self.weights) != set(self.components):
+            yield (f"{prefix}.weights={dict(self.weights)}: must name exactly the components "
+                   f"{sorted(self.components)} of {prefix}.components")
 
 
 # ------------------------------------------------------------------------------------ algorithm
@@ -211,6 +227,7 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,
         ClipScoreSchema._target_: ClipScoreSchema,
         AestheticSchema._target_: AestheticSchema,
+        MultiRewardSchema._target_: MultiRewardSchema,
     },
     "algorithm": {AlgorithmSchema._target_: AlgorithmSchema},
     "hardware": {None: HardwareSchema},
@@ -222,11 +239,11 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
 }
 
 
-def schema_for(group: str, node: Any) -> type:
-    """The schema a group node must follow, chosen by its `_target_`."""
+def schema_for(group: str, node: Any, key: str | None = None) -> type:
+    """The schema a node of `group` (at `key`, the group itself by default) must follow, by its `_target_`."""
     schemas = GROUP_SCHEMAS[group]
     target = node.get("_target_") if hasattr(node, "get") else None
     if target in schemas:
         return schemas[target]
     known = ", ".join(repr(t) for t in schemas if t is not None) or "(none: this group takes no _target_)"
-    raise KeyError(f"{group}._target_={target!r}: must be one of {known}")
+    raise KeyError(f"{key or group}._target_={target!r}: must be one of {known}")

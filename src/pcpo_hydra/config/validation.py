@@ -40,14 +40,23 @@ def _typed(schema: type, node: DictConfig, prefix: str, problems: list[str]) -> 
         return None
 
 
-def _check_group(group: str, cfg: DictConfig, problems: list[str]) -> DictConfig | None:
-    node = cfg[group]
+def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> DictConfig | None:
+    """Type `node` (found at `key`) by the schema of `group` its `_target_` picks, nested nodes included."""
     try:
-        schema = schema_for(group, node)
+        schema = schema_for(group, node, key)
     except KeyError as exc:
         problems.append(str(exc.args[0]))
         return None
-    return _typed(schema, node, group, problems)
+    typed = _typed(schema, node, key, problems)
+    for field_name, child_group in getattr(schema, "NESTED", {}).items():
+        children = node.get(field_name) or {}
+        if typed is not None and not children:
+            problems.append(f"{key}.{field_name}: is empty; give at least one {child_group} node")
+        for name, child in children.items():
+            child_typed = _check_node(child_group, child, f"{key}.{field_name}.{name}", problems)
+            if typed is not None and child_typed is not None:
+                typed[field_name][name] = child_typed
+    return typed
 
 
 def trained_steps(num_steps: int, timestep_fraction: float) -> int:
@@ -92,7 +101,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as exc:
         raise ConfigError([f"{exc.full_key}: {exc.msg}"]) from None
     typed = _typed(RunSchema, cfg, "", problems)
-    groups = {group: _check_group(group, cfg, problems) for group in GROUP_SCHEMAS}
+    groups = {group: _check_node(group, cfg[group], group, problems) for group in GROUP_SCHEMAS}
     if problems or typed is None or any(node is None for node in groups.values()):
         raise ConfigError(problems)
     for group, node in groups.items():

@@ -8,6 +8,7 @@ each batch came back as one float per image.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -15,6 +16,16 @@ from torch import Tensor
 from pcpo_hydra.image_grid import check_images
 
 RANGE_TOLERANCE = 1e-3  # decoded images may overshoot [0, 1] by rounding; more is a caller bug
+
+
+class Reward(Protocol):
+    """What the loop calls: rewards [B] for images and prompts, and the named parts a composite reward sums."""
+
+    name: str
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
+
+    def score_parts(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 class BaseReward(ABC):
@@ -41,6 +52,10 @@ class BaseReward(ABC):
                 batch_scores = self.score(images[start:stop], prompts[start:stop])
                 scores.append(self._checked(batch_scores, stop - start))
         return torch.cat(scores)
+
+    def score_parts(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The rewards and no parts: only a composite reward (rewards.multi) has parts to report."""
+        return self(images, prompts), {}
 
     def _checked(self, scores: Tensor, expected: int) -> Tensor:
         """One float32 per image, or a RuntimeError naming the class whose `score` is wrong."""
