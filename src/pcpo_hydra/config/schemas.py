@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Dict, Iterator, Optional
 
 from omegaconf import MISSING
 
-from pcpo_hydra.config.checks import at_least, checked, interval, one_of, positive
+from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
 
 # ---------------------------------------------------------------------------------------- model
 
@@ -102,6 +102,19 @@ class MultiRewardSchema:
         if set(self.weights) != set(self.components):
             yield (f"{prefix}.weights={dict(self.weights)}: must name exactly the components "
                    f"{sorted(self.components)} of {prefix}.components")
+
+
+@dataclass
+class RemoteRewardSchema:
+    """A reward served by pcpo-reward-server (conf/reward_server.yaml)."""
+
+    _target_: str = "pcpo_hydra.rewards.remote.RemoteReward"
+    url: str = checked("http://127.0.0.1:8765", Constraint(
+        lambda v: v.startswith(("http://", "https://")), "an http:// or https:// URL"))
+    timeout_s: float = checked(120.0, positive())
+    retries: int = checked(8, at_least(0))
+    backoff_s: float = checked(1.0, at_least(0.0))
+    batch_size: int = checked(32, positive())
 
 
 # ------------------------------------------------------------------------------------ algorithm
@@ -215,6 +228,23 @@ class RunSchema:
     logger: Any = None
 
 
+@dataclass
+class ServerSchema:
+    host: str = "127.0.0.1"
+    port: int = checked(8765, interval(0, 65535))
+    max_batch: int = checked(32, positive())
+    max_wait_ms: float = checked(20.0, at_least(0.0))
+
+
+@dataclass
+class RewardServerSchema:
+    """conf/reward_server.yaml; its reward and hardware groups are checked by GROUP_SCHEMAS."""
+
+    server: ServerSchema = field(default_factory=ServerSchema)
+    reward: Any = None
+    hardware: Any = None
+
+
 # A group's schemas, keyed by the `_target_` a node names; None keys a group without `_target_`.
 GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
     "model": {
@@ -228,6 +258,7 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         ClipScoreSchema._target_: ClipScoreSchema,
         AestheticSchema._target_: AestheticSchema,
         MultiRewardSchema._target_: MultiRewardSchema,
+        RemoteRewardSchema._target_: RemoteRewardSchema,
     },
     "algorithm": {AlgorithmSchema._target_: AlgorithmSchema},
     "hardware": {None: HardwareSchema},

@@ -6,6 +6,7 @@ allowed, so one failed launch tells the user everything to fix.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -93,20 +94,29 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Return `cfg` with every node typed by its schema, or raise ConfigError listing all problems."""
+def check_tree(cfg: DictConfig, schema: type, groups: Iterable[str]) -> DictConfig:
+    """`cfg` resolved, typed by `schema` and each of `groups` by its own schema; else ConfigError with all problems.
+
+    Shared by pcpo-train and pcpo-reward-server, so a reward node is checked the same way by both.
+    """
     problems: list[str] = []
     try:  # resolve once at the root, so group nodes can be checked on their own
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as exc:
         raise ConfigError([f"{exc.full_key}: {exc.msg}"]) from None
-    typed = _typed(RunSchema, cfg, "", problems)
-    groups = {group: _check_node(group, cfg[group], group, problems) for group in GROUP_SCHEMAS}
-    if problems or typed is None or any(node is None for node in groups.values()):
+    typed = _typed(schema, cfg, "", problems)
+    nodes = {group: _check_node(group, cfg[group], group, problems) for group in groups}
+    if problems or typed is None or any(node is None for node in nodes.values()):
         raise ConfigError(problems)
-    for group, node in groups.items():
+    for group, node in nodes.items():
         typed[group] = node
-    problems.extend(_cross_checks(typed))
+    return typed
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return the run config with every node typed by its schema, or raise ConfigError listing all problems."""
+    typed = check_tree(cfg, RunSchema, GROUP_SCHEMAS)
+    problems = _cross_checks(typed)
     if problems:
         raise ConfigError(problems)
     OmegaConf.set_readonly(typed, True)
