@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,56 @@ def test_config_option_composes_and_rejects_a_bad_dtype(compose_cfg) -> None:
     assert cfg.reward.pretrained == "openai/clip-vit-base-patch32" and cfg.reward.device == "cpu"
     with pytest.raises(ConfigError, match="reward.dtype='float64'"):
         validate(compose_cfg("reward=clipscore", "reward.dtype=float64"))
+
+
+# Colour words and the token that ends each one in the tiny character-level vocabulary ("red" -> "d</w>").
+COLOURS = {"red": ((1.0, 0.0, 0.0), "d</w>"), "green": ((0.0, 1.0, 0.0), "n</w>"), "blue": ((0.0, 0.0, 1.0), "e</w>")}
+
+
+def colour_clip(folder: Path) -> CLIPModel:
+    """The tiny CLIP with hand-set weights under which colour c of an image and the c-th colour word share axis c.
+
+    All weights zero except: the patch conv averages channel c into hidden unit c; the word's final
+    token embeds as unit c; each block attends uniformly (q, k zero) and passes values on (v, out =
+    identity) with a zero MLP, so the pooled token carries the mean of the patches / tokens; every
+    LayerNorm scales by 1; the projections keep units 0-2. Matching pairs then point the same way.
+    """
+    from transformers import CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+        for tower in (model.vision_model, model.text_model):
+            for layer in tower.encoder.layers:
+                identity = torch.eye(layer.self_attn.v_proj.weight.shape[0])
+                layer.self_attn.v_proj.weight.copy_(identity)
+                layer.self_attn.out_proj.weight.copy_(identity)
+        patch = model.vision_model.embeddings.patch_embedding.weight
+        tokens = model.text_model.embeddings.token_embedding.weight
+        for axis, (_, token) in enumerate(COLOURS.values()):
+            patch[axis, axis] = 1.0 / patch[axis, axis].numel()
+            tokens[tokenizer.convert_tokens_to_ids(token), axis] = 1.0
+            model.visual_projection.weight[axis, axis] = 1.0
+            model.text_projection.weight[axis, axis] = 1.0
+    return model
+
+
+def colour_pairs(side: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """Every flat colour image with every colour word: row i of the [3, 3] result is image i."""
+    flat = torch.tensor([rgb for rgb, _ in COLOURS.values()])[:, :, None, None].expand(3, 3, side, side)
+    return flat.repeat_interleave(3, dim=0), list(COLOURS) * 3
+
+
+def test_a_matching_prompt_scores_above_a_mismatched_one(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_clip_dir, tmp_path, dirs_exist_ok=True)  # its tokenizer and image processor
+    colour_clip(tiny_clip_dir).save_pretrained(tmp_path)
+    images, prompts = colour_pairs()
+    scores = ClipScore(pretrained=str(tmp_path))(images, prompts).view(3, 3)
+    assert torch.equal(scores.argmax(dim=1), torch.arange(3))
+    assert (scores.diagonal() > 60).all()
+    assert (scores[~torch.eye(3, dtype=torch.bool)] == 0).all()  # negative cosines clip to 0

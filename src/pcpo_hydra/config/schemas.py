@@ -89,6 +89,35 @@ class AestheticSchema(PretrainedSchema):
 
 
 @dataclass
+class PickScoreSchema(PretrainedSchema):
+    _target_: str = "pcpo_hydra.rewards.pickscore.PickScore"
+    processor: Optional[str] = MISSING  # null: the tokenizer and image processor come from `pretrained`
+    batch_size: int = checked(32, positive())
+    device: str = "cpu"
+    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class HPSv2Schema(PretrainedSchema):
+    _target_: str = "pcpo_hydra.rewards.hpsv2.HPSv2Score"
+    checkpoint: str = MISSING
+    batch_size: int = checked(32, positive())
+    device: str = "cpu"
+    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class ImageRewardSchema:
+    _target_: str = "pcpo_hydra.rewards.imagereward.ImageReward"
+    checkpoint: str = MISSING
+    med_config: str = MISSING
+    tokenizer: str = MISSING
+    batch_size: int = checked(32, positive())
+    device: str = "cpu"
+    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+
+
+@dataclass
 class MultiRewardSchema:
     """Each component is a whole reward node, checked against its own schema (see NESTED)."""
 
@@ -257,6 +286,9 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,
         ClipScoreSchema._target_: ClipScoreSchema,
         AestheticSchema._target_: AestheticSchema,
+        PickScoreSchema._target_: PickScoreSchema,
+        HPSv2Schema._target_: HPSv2Schema,
+        ImageRewardSchema._target_: ImageRewardSchema,
         MultiRewardSchema._target_: MultiRewardSchema,
         RemoteRewardSchema._target_: RemoteRewardSchema,
     },

@@ -92,10 +92,15 @@ def load_component(
         raise load_error(pretrained, subfolder, revision, f"the local folder has no {subfolder}/ subfolder", owner)
     source = str(local) if local.is_dir() else pretrained
     try:
-        return loader.from_pretrained(source, subfolder=subfolder, revision=revision)
+        loaded = loader.from_pretrained(source, subfolder=subfolder, revision=revision)
     except (OSError, ValueError) as error:
         # The reason line carries the library's message; its deep traceback helps no one.
         raise load_error(pretrained, subfolder or None, revision, _first_line(error), owner) from None
+    # transformers 5 returns an empty tokenizer, not an error, when it finds no vocabulary files.
+    specials = getattr(loaded, "all_special_tokens", None)
+    if specials is not None and len(loaded) <= len(specials):
+        raise load_error(pretrained, subfolder or "tokenizer", revision, "no vocabulary found in its files", owner)
+    return loaded
 
 
 def _download(url: str, owner: WeightsFor) -> Path:
@@ -129,7 +134,8 @@ def weight_file(source: str, owner: WeightsFor) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-    except (OSError, ValueError, HfHubHTTPError) as error:
-        raise load_error(source, None, None, str(error).splitlines()[0], owner) from None
+        return Path(hf_hub_download(repo, filename))
+    except (OSError, ValueError, HfHubHTTPError) as error:  # named by its repo, so the hint says how to fetch it
+        raise load_error(repo, filename, None, str(error).splitlines()[0], owner) from None

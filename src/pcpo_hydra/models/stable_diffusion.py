@@ -12,7 +12,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pcpo_hydra.models.base import PolicyModel
-from pcpo_hydra.models.loading import check_source, load_component, load_error
+from pcpo_hydra.models.loading import check_source, load_component
 from pcpo_hydra.models.trainable import LoraWeights, place_module, trainable_weights
 
 
@@ -116,7 +116,7 @@ def load_stable_diffusion(
     check_source(pretrained, revision)
     # Small files first, so a missing model fails before any large download.
     scheduler = load_component(DDIMScheduler, pretrained, "scheduler", revision)
-    tokenizer = _load_tokenizer(pretrained, revision)
+    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", revision)
     text_encoder = load_component(CLIPTextModel, pretrained, "text_encoder", revision)
     vae = load_component(AutoencoderKL, pretrained, "vae", revision)
     unet = load_component(UNet2DConditionModel, pretrained, "unet", revision)
@@ -124,12 +124,3 @@ def load_stable_diffusion(
         unet, vae, text_encoder, tokenizer, scheduler, resolution=resolution,
         guidance_scale=guidance_scale, lora=lora, gradient_checkpointing=gradient_checkpointing,
     )
-
-
-def _load_tokenizer(pretrained: str, revision: str | None) -> CLIPTokenizer:
-    """transformers 5 returns an empty tokenizer, not an error, when it finds no vocabulary files."""
-    tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", revision)
-    if len(tokenizer) <= len(tokenizer.all_special_tokens):
-        reason = "no vocabulary found (vocab.json + merges.txt, or tokenizer.json)"
-        raise load_error(pretrained, "tokenizer", revision, reason)
-    return tokenizer

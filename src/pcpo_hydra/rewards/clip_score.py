@@ -8,6 +8,8 @@ saw them in training, so the score equals what the released model gives.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -15,20 +17,45 @@ from pcpo_hydra.image_grid import to_uint8
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
 from pcpo_hydra.rewards.base import BaseReward
 
+if TYPE_CHECKING:
+    from transformers import CLIPModel
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLIP_LAYOUT = "a folder saved with save_pretrained holding the CLIP model, its tokenizer and image processor"
 
 
 class ClipEmbedder:
-    """A CLIP checkpoint (model, tokenizer, image processor) turning images and prompts into unit vectors."""
+    """A CLIP checkpoint (model, tokenizer, image processor) turning images and prompts into unit vectors.
 
-    def __init__(self, pretrained: str, revision: str | None, device: str, dtype: str, owner: WeightsFor) -> None:
+    Fine-tuned CLIPs often ship without their tokenizer and image processor (PickScore takes them
+    from the base model's repository): `processor` names that other source, `processor_owner` its
+    config key. `model` passes a CLIP already built from another checkpoint format (HPS); then only
+    the tokenizer and image processor come from `pretrained`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None,
+        device: str,
+        dtype: str,
+        owner: WeightsFor,
+        processor: str | None = None,
+        processor_owner: WeightsFor | None = None,
+        model: CLIPModel | None = None,
+    ) -> None:
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         check_source(pretrained, revision, owner)
-        self.tokenizer = load_component(CLIPTokenizer, pretrained, "", revision, owner)
-        self.processor = load_component(CLIPImageProcessor, pretrained, "", revision, owner)
-        model = load_component(CLIPModel, pretrained, "", revision, owner)
+        # The revision pins `pretrained`; a separate processor source is read from its default branch.
+        source, source_revision, source_owner = (pretrained, revision, owner)
+        if processor is not None:
+            source, source_revision, source_owner = processor, None, processor_owner or owner
+            check_source(source, None, source_owner)
+        self.tokenizer = load_component(CLIPTokenizer, source, "", source_revision, source_owner)
+        self.processor = load_component(CLIPImageProcessor, source, "", source_revision, source_owner)
+        if model is None:
+            model = load_component(CLIPModel, pretrained, "", revision, owner)
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
 
     def preprocess(self, images: Tensor) -> Tensor:
