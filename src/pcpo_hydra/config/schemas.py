@@ -118,6 +118,18 @@ class ImageRewardSchema:
 
 
 @dataclass
+class OcrSchema:
+    _target_: str = "pcpo_hydra.rewards.ocr.OcrReward"
+    batch_size: int = checked(32, positive())
+    lang: str = "eng"
+    psm: int = checked(6, one_of(1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
+    thresholding: str = checked("sauvola", one_of("otsu", "leptonica_otsu", "sauvola"))
+    min_side: int = checked(256, at_least(0))
+    workers: int = checked(4, positive())
+    tesseract_cmd: Optional[str] = None
+
+
+@dataclass
 class MultiRewardSchema:
     """Each component is a whole reward node, checked against its own schema (see NESTED)."""
 
@@ -286,6 +298,7 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,
         ClipScoreSchema._target_: ClipScoreSchema,
         AestheticSchema._target_: AestheticSchema,
+        OcrSchema._target_: OcrSchema,
         PickScoreSchema._target_: PickScoreSchema,
         HPSv2Schema._target_: HPSv2Schema,
         ImageRewardSchema._target_: ImageRewardSchema,
