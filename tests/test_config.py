@@ -19,8 +19,14 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
 
 
+# Options that cannot validate with the default model: prompts=file needs its path (tested below);
+# the flow samplers need a flow model, which no model option provides yet (their family check is
+# tested in test_flow_samplers).
+ALONE_INVALID = {("prompts", "file"), ("sampler", "dancegrpo_sde"), ("sampler", "flowgrpo_sde")}
+
+
 @pytest.mark.parametrize(
-    "override", [f"{g}={o}" for g in GROUPS for o in options(g) if (g, o) != ("prompts", "file")]
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g) if (g, o) not in ALONE_INVALID]
 )
 def test_every_group_option_composes_and_validates(compose_cfg, override):
     cfg = validate(compose_cfg(override))

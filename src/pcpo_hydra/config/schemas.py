@@ -34,6 +34,7 @@ class PretrainedSchema:
 
 @dataclass
 class StableDiffusionSchema(PretrainedSchema):
+    FAMILY: ClassVar[str] = "diffusion"  # what the network predicts; a sampler must be of the same family
     _target_: str = "pcpo_hydra.models.stable_diffusion.load_stable_diffusion"
     resolution: int = checked(512, positive())
     guidance_scale: float = checked(5.0, at_least(1.0))
@@ -43,6 +44,7 @@ class StableDiffusionSchema(PretrainedSchema):
 
 @dataclass
 class TinyStableDiffusionSchema:
+    FAMILY: ClassVar[str] = "diffusion"
     _target_: str = "pcpo_hydra.models.tiny.build_tiny_sd"
     seed: int = 0
     resolution: int = checked(32, positive())
@@ -55,9 +57,27 @@ class TinyStableDiffusionSchema:
 
 @dataclass
 class DDIMSamplerSchema:
+    FAMILY: ClassVar[str] = "diffusion"  # the model family it steps (epsilon prediction)
     _target_: str = "pcpo_hydra.samplers.build_ddim_sampler"
     num_steps: int = checked(50, positive())
     eta: float = checked(1.0, interval(0.0, 1.0, low_open=True))
+
+
+@dataclass
+class DanceGRPOSamplerSchema:
+    FAMILY: ClassVar[str] = "flow"  # velocity prediction
+    _target_: str = "pcpo_hydra.samplers.build_dancegrpo_sampler"
+    num_steps: int = checked(16, positive())
+    eta: float = checked(0.3, positive())
+    shift: Optional[float] = checked(None, positive())  # None: the model's own schedule
+
+
+@dataclass
+class FlowGRPOSamplerSchema:
+    FAMILY: ClassVar[str] = "flow"
+    _target_: str = "pcpo_hydra.samplers.build_flowgrpo_sampler"
+    num_steps: int = checked(10, positive())
+    noise_level: float = checked(0.7, positive())
 
 
 # --------------------------------------------------------------------------------------- reward
@@ -292,7 +312,9 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         StableDiffusionSchema._target_: StableDiffusionSchema,
         TinyStableDiffusionSchema._target_: TinyStableDiffusionSchema,
     },
-    "sampler": {DDIMSamplerSchema._target_: DDIMSamplerSchema},
+    "sampler": {
+        schema._target_: schema for schema in (DDIMSamplerSchema, DanceGRPOSamplerSchema, FlowGRPOSamplerSchema)
+    },
     "reward": {
         "pcpo_hydra.rewards.jpeg.JpegCompressibility": JpegRewardSchema,
         "pcpo_hydra.rewards.jpeg.JpegIncompressibility": JpegRewardSchema,

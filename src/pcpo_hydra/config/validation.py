@@ -65,9 +65,25 @@ def trained_steps(num_steps: int, timestep_fraction: float) -> int:
     return int(num_steps * timestep_fraction)
 
 
+# The sampler options of each model family, for the error that pairs them.
+_SAMPLERS_OF = {"diffusion": "sampler=ddim", "flow": "sampler=dancegrpo_sde or sampler=flowgrpo_sde"}
+
+
+def _family_problems(cfg: DictConfig) -> list[str]:
+    """A sampler steps one kind of network output (epsilon or velocity): the model must predict it."""
+    model, sampler = schema_for("model", cfg.model).FAMILY, schema_for("sampler", cfg.sampler).FAMILY
+    if model == sampler:
+        return []
+    return [
+        f"sampler._target_={cfg.sampler._target_!r}: a {sampler} sampler cannot step "
+        f"model._target_={cfg.model._target_!r}, a {model} model; use {_SAMPLERS_OF[model]} with it, "
+        f"or a {sampler} model"
+    ]
+
+
 def _cross_checks(cfg: DictConfig) -> list[str]:
     """Relations between keys that no single field can check."""
-    problems = []
+    problems = _family_problems(cfg)
     rollout, train = cfg.rollout, cfg.train
     total = rollout.prompts_per_epoch * rollout.group_size
     where = f"rollout.prompts_per_epoch x rollout.group_size = {total} images per epoch"
