@@ -91,50 +91,44 @@ class JpegRewardSchema:
 
 
 @dataclass
-class ClipScoreSchema(PretrainedSchema):
-    _target_: str = "pcpo_hydra.rewards.clip_score.ClipScore"
+class RewardModelSchema:
+    """What every reward with a network takes: how many images a call scores, where and in what dtype."""
+
     batch_size: int = checked(32, positive())
     device: str = "cpu"
     dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class ClipScoreSchema(PretrainedSchema, RewardModelSchema):
+    _target_: str = "pcpo_hydra.rewards.clip_score.ClipScore"
     scale: float = checked(100.0, positive())
 
 
 @dataclass
-class AestheticSchema(PretrainedSchema):
+class AestheticSchema(PretrainedSchema, RewardModelSchema):
     _target_: str = "pcpo_hydra.rewards.aesthetic.AestheticScore"
     head: str = MISSING
-    batch_size: int = checked(32, positive())
-    device: str = "cpu"
-    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
 
 
 @dataclass
-class PickScoreSchema(PretrainedSchema):
+class PickScoreSchema(PretrainedSchema, RewardModelSchema):
     _target_: str = "pcpo_hydra.rewards.pickscore.PickScore"
     processor: Optional[str] = MISSING  # null: the tokenizer and image processor come from `pretrained`
-    batch_size: int = checked(32, positive())
-    device: str = "cpu"
-    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
 
 
 @dataclass
-class HPSv2Schema(PretrainedSchema):
+class HPSv2Schema(PretrainedSchema, RewardModelSchema):
     _target_: str = "pcpo_hydra.rewards.hpsv2.HPSv2Score"
     checkpoint: str = MISSING
-    batch_size: int = checked(32, positive())
-    device: str = "cpu"
-    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
 
 
 @dataclass
-class ImageRewardSchema:
+class ImageRewardSchema(RewardModelSchema):
     _target_: str = "pcpo_hydra.rewards.imagereward.ImageReward"
     checkpoint: str = MISSING
     med_config: str = MISSING
     tokenizer: str = MISSING
-    batch_size: int = checked(32, positive())
-    device: str = "cpu"
-    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
 
 
 @dataclass
