@@ -298,7 +298,7 @@ def test_a_checkpoint_with_other_keys_or_shapes_is_refused(tiny: Tiny, tmp_path:
     refused(tiny.state | {"mlp.layers.7.bias": torch.ones(2)}, r"MLP head does not match.*size mismatch")
     refused({k: v for k, v in tiny.state.items() if k != "blip.visual_encoder.cls_token"}, "vision encoder has no")
     torch.save({"model": tiny.state}, tmp_path / "wrapped.pt")
-    with pytest.raises(ModelLoadError, match="not a state dict of tensors"):
+    with pytest.raises(ModelLoadError, match="holds no state dict of tensors"):
         tiny.reward(checkpoint=str(tmp_path / "wrapped.pt"))
 
 

@@ -139,3 +139,31 @@ def weight_file(source: str, owner: WeightsFor) -> Path:
         return Path(hf_hub_download(repo, filename))
     except (OSError, ValueError, HfHubHTTPError) as error:  # named by its repo, so the hint says how to fetch it
         raise load_error(repo, filename, None, str(error).splitlines()[0], owner) from None
+
+
+def read_state_dict(path: Path, source: str, owner: WeightsFor, nested: str | None = None) -> dict:
+    """The tensors in a .safetensors or torch file, loaded without running pickled code.
+
+    `nested` names the key a training checkpoint keeps its state dict under, when it has one.
+    Any file that is not a state dict of tensors is a ModelLoadError naming `source`.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        # The library's message is about pickling policy; what the user needs is which file is bad.
+        reason = f"not a torch checkpoint of plain tensors ({type(error).__name__}: {_first_line(error)})"
+        raise load_error(source, None, None, reason, owner) from None
+    if nested is not None and isinstance(state, dict):
+        state = state.get(nested, state)
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise load_error(source, None, None, "holds no state dict of tensors", owner)
+    return state

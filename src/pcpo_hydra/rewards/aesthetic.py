@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.models.loading import WeightsFor, load_error, weight_file
+from pcpo_hydra.models.loading import WeightsFor, load_error, read_state_dict, weight_file
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import CLIP_LAYOUT, ClipEmbedder
 
@@ -41,12 +40,7 @@ LAION_HEAD = (
 
 def load_head(path: Path, owner: WeightsFor) -> AestheticHead:
     """The MLP with the published weights; its input width is read from the file."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path, str(path), owner)
     expected = {f"layers.{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias")}
     if set(state) != expected:
         raise load_error(str(path), None, None, f"not the aesthetic MLP: keys {sorted(state)[:4]}...", owner)

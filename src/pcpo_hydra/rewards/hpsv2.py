@@ -12,7 +12,6 @@ with black to a centred square, then CLIP's normalisation.
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,9 @@ from PIL import Image
 from torch import Tensor
 
 from pcpo_hydra.image_grid import to_pil
-from pcpo_hydra.models.loading import WeightsFor, check_source, load_component, load_error, weight_file
+from pcpo_hydra.models.loading import (
+    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
+)
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import ClipEmbedder
 
@@ -93,20 +94,6 @@ def convert_open_clip(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], l
     return converted, unknown
 
 
-def read_state_dict(path: Path, owner: WeightsFor) -> dict[str, Tensor]:
-    """The tensors of a training checkpoint: under "state_dict" if present, without DDP's "module." prefix."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        # The library's message is about pickling policy; what the user needs is which file is bad.
-        reason = f"not a torch checkpoint of plain tensors ({type(error).__name__})"
-        raise load_error(str(path), None, None, reason, owner) from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise load_error(str(path), None, None, "holds no state dict of tensors", owner)
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:CHECKPOINT_EXAMPLES])
     return shown + (f" and {len(keys) - CHECKPOINT_EXAMPLES} more" if len(keys) > CHECKPOINT_EXAMPLES else "")
@@ -117,7 +104,10 @@ def load_open_clip(config: CLIPConfig, path: Path, owner: WeightsFor) -> CLIPMod
     from transformers import CLIPModel
     from transformers.initialization import no_init_weights
 
-    converted, unknown = convert_open_clip(read_state_dict(path, owner))
+    converted, unknown = convert_open_clip(
+        {key.removeprefix("module."): value  # DDP's prefix
+         for key, value in read_state_dict(path, str(path), owner, nested="state_dict").items()}
+    )
     with no_init_weights():  # every parameter is overwritten below; random init of ViT-H takes a while
         model = CLIPModel(config)
     expected = model.state_dict()

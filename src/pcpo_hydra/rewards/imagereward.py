@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +22,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pcpo_hydra.image_grid import to_uint8
-from pcpo_hydra.models.loading import WeightsFor, check_source, load_component, load_error, weight_file
+from pcpo_hydra.models.loading import (
+    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
+)
 from pcpo_hydra.rewards.aesthetic import AestheticHead
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import DTYPES
@@ -92,17 +93,6 @@ def split_checkpoint(state: dict[str, Tensor], source: str, owner: WeightsFor) -
     if strays:
         raise load_error(source, None, None, f"not an ImageReward checkpoint: unknown keys {sorted(strays)[:4]}", owner)
     return parts
-
-
-def read_checkpoint(path: Path, source: str, owner: WeightsFor) -> dict[str, Tensor]:
-    """The state dict in ImageReward.pt, loaded without running pickled code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
-        raise load_error(source, None, None, f"unreadable checkpoint: {str(error).splitlines()[0]}", owner) from None
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise load_error(source, None, None, "not a state dict of tensors", owner)
-    return state
 
 
 def fill(module: nn.Module, state: dict[str, Tensor], part: str, source: str, owner: WeightsFor) -> None:
@@ -207,7 +197,7 @@ class ImageReward(BaseReward):
         super().__init__(batch_size)
         kind = f"reward {self.name!r}"
         owner = WeightsFor(kind, "reward.checkpoint", CHECKPOINT_LAYOUT)
-        parts = split_checkpoint(read_checkpoint(weight_file(checkpoint, owner), checkpoint, owner), checkpoint, owner)
+        parts = split_checkpoint(read_state_dict(weight_file(checkpoint, owner), checkpoint, owner), checkpoint, owner)
         self.vision = BlipVisionModel(vision_config(parts[VISION], checkpoint, owner))
         fill(self.vision, parts[VISION], "vision encoder", checkpoint, owner)
         med_owner = WeightsFor(kind, "reward.med_config", MED_CONFIG_LAYOUT)
