@@ -20,9 +20,10 @@ def options(group: str) -> list[str]:
 
 
 # Options that cannot validate with the default model: prompts=file needs its path (tested below);
-# the flow samplers need a flow model, which no model option provides yet (their family check is
-# tested in test_flow_samplers).
+# the flow samplers need a flow model (tested below with each).
 ALONE_INVALID = {("prompts", "file"), ("sampler", "dancegrpo_sde"), ("sampler", "flowgrpo_sde")}
+FLOW_MODELS = ("tiny_sd3", "sd35_medium", "tiny_flux", "flux")
+FLOW_SAMPLERS = ("dancegrpo_sde", "flowgrpo_sde")
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,17 @@ def test_every_group_option_composes_and_validates(compose_cfg, override):
     group, option = override.split("=")
     if group not in ("hardware", "experiment"):
         assert cfg[group]._target_.startswith("pcpo_hydra.")
+
+
+@pytest.mark.parametrize("model", FLOW_MODELS)
+def test_flow_models_bring_a_flow_sampler_take_either_and_refuse_ddim(compose_cfg, model):
+    own = {"tiny_sd3": "flowgrpo", "sd35_medium": "flowgrpo", "tiny_flux": "dancegrpo", "flux": "dancegrpo"}[model]
+    assert validate(compose_cfg(f"model={model}")).sampler._target_.endswith(f"build_{own}_sampler")
+    for sampler in FLOW_SAMPLERS:
+        cfg = validate(compose_cfg(f"model={model}", f"sampler={sampler}"))
+        assert cfg.sampler._target_.endswith(f"build_{sampler.split('_')[0]}_sampler")
+    with pytest.raises(ConfigError, match=r"a diffusion sampler cannot step .* a flow model; use sampler=dancegrpo_sde"):
+        validate(compose_cfg(f"model={model}", "sampler=ddim"))
 
 
 def test_prompt_file_option_needs_its_path(compose_cfg, tmp_path):
@@ -74,6 +86,11 @@ def test_grpo_and_pcpo_differ_in_exactly_the_three_switches(compose_cfg):
         (["model.lora.rank=0"], "model.lora.rank=0: must be a number > 0"),
         (["hardware.mixed_precision=fp8"], "hardware.mixed_precision='fp8': must be one of"),
         (["resume=/nonexistent/run"], "resume='/nonexistent/run': no complete checkpoint"),
+        (["algorithm.kl_beta=-0.01"], "algorithm.kl_beta=-0.01: must be a number >= 0"),
+        (["model=flux", "model.guidance=-1"], "model.guidance=-1.0: must be a number >= 0"),
+        (["model=sd35_medium", "model.max_sequence_length=0"], "model.max_sequence_length=0: must be a number > 0"),
+        (["model=tiny_sd3", "+model.guidance=2"], "model.guidance: Key 'guidance' not in 'TinySD3Schema'"),
+        (["model.offload_text_encoders=maybe"], "model.offload_text_encoders"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(compose_cfg, overrides, expected):

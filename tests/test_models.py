@@ -91,8 +91,8 @@ def test_shapes_and_ranges(tiny: StableDiffusionPolicy) -> None:
 def test_guidance_is_one_batched_call_combining_uncond_and_cond(tiny: StableDiffusionPolicy) -> None:
     x, cond = inputs(tiny)
     t = torch.tensor([981, 500, 1])
-    f_u = tiny.forward_network(x, t, tiny.encode_prompts([""] * 3))
-    f_c = tiny.forward_network(x, t, cond)
+    f_u = tiny.forward_network(tiny.network, x, t, tiny.encode_prompts([""] * 3))
+    f_c = tiny.forward_network(tiny.network, x, t, cond)
     tiny.network = CountingNetwork(tiny.unet)
     f = tiny.predict(x, t, cond)
     assert tiny.network.batches == [6]
@@ -102,7 +102,7 @@ def test_guidance_is_one_batched_call_combining_uncond_and_cond(tiny: StableDiff
 def test_guidance_one_is_a_single_conditional_call() -> None:
     model = build_tiny_sd(seed=0, guidance_scale=1.0)
     x, cond = inputs(model)
-    expected = model.forward_network(x, torch.tensor(500), cond)
+    expected = model.forward_network(model.network, x, torch.tensor(500), cond)
     model.network = CountingNetwork(model.unet)
     assert torch.equal(model.predict(x, torch.tensor(500), cond), expected)
     assert model.network.batches == [3]

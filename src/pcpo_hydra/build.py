@@ -40,10 +40,15 @@ def build(node: DictConfig):
 
 
 def build_components(cfg: DictConfig, accelerator) -> Components:
-    """Instantiate model, sampler, reward, algorithm and prompts; prepare what trains."""
+    """Instantiate model, sampler, reward, algorithm and prompts; prepare what trains and the text cache."""
     model = build(cfg.model)
     model.to(accelerator.device, weight_dtype(cfg.hardware))
+    prompts = instantiate(cfg.prompts)
+    model.use_text_cache(cfg.text_cache_dir)
+    model.prepare_text([prompts[k] for k in range(len(prompts))])
     algorithm = instantiate(cfg.algorithm, group_size=cfg.rollout.group_size)
+    if algorithm.policy.kl_beta:
+        model.keep_reference()
     sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, ~5x faster a step on CPU
         model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -51,7 +56,6 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     )
     model.network, optimizer = accelerator.prepare(model.network, optimizer)
     reward = build(cfg.reward)
-    prompts = instantiate(cfg.prompts)
     return Components(model, sampler, reward, algorithm, prompts, optimizer)
 
 

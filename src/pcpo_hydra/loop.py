@@ -161,6 +161,8 @@ class Trainer:
         }
         for name, values in traj.extras["reward_parts"].items():
             metrics.update(reward_stats(f"reward/{name}", values))
+        for name, count in self.parts.model.text_cache.take_counts().items():
+            metrics[f"text_cache/{name}"] = count
         metrics.update({f"time/{phase}_s": seconds for phase, seconds in self.timings.items()})
         metrics["perf/images_per_s"] = len(traj) / self.timings["epoch"]
         return metrics

@@ -33,9 +33,9 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
 
 
 def _encode(model, prompts: list[str]) -> dict[str, Tensor]:
-    """Encode each distinct prompt once and gather one row per sample."""
+    """Encode each distinct prompt once (through the model's text cache) and gather one row per sample."""
     unique = list(dict.fromkeys(prompts))
-    embeds = model.encode_prompts(unique)
+    embeds = model.encode(unique)
     position = {p: k for k, p in enumerate(unique)}
     rows = torch.tensor([position[p] for p in prompts], device=next(iter(embeds.values())).device)
     return {key: value[rows] for key, value in embeds.items()}

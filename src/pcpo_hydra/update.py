@@ -61,11 +61,13 @@ def update_policy(
             for r, k, weight in _forwards(rows, step_order[rows], train.steps_per_forward):
                 x = traj.latents[r, k]
                 cond = {key: value[r] for key, value in traj.cond.items()}
+                t = sampler.timestep(k)
+                f_ref = model.predict_reference(x, t, cond).float() if policy.kl_beta else None
                 with accelerator.accumulate(model.network):
-                    f_new = model.predict(x, sampler.timestep(k), cond).float()
+                    f_new = model.predict(x, t, cond).float()
                     loss, stats = policy.step_loss(
                         k, sampler, x, traj.latents[r, k + 1], traj.noise[r, k],
-                        traj.outputs[r, k], f_new, traj.log_probs[r, k], traj.advantages[r],
+                        traj.outputs[r, k], f_new, traj.log_probs[r, k], traj.advantages[r], f_ref,
                     )
                     accelerator.backward(loss * weight)
                     if accelerator.sync_gradients:  # only here: the wrapped step costs ~1 ms even as a no-op

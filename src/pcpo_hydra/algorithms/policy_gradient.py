@@ -9,7 +9,7 @@ from pcpo_hydra.algorithms.advantages import clip_advantages
 from pcpo_hydra.algorithms.credit import credit_plan
 from pcpo_hydra.algorithms.log_ratio import direct_log_ratio, matching_log_ratio
 from pcpo_hydra.algorithms.objectives import log_hinge_objective, ratio_objective
-from pcpo_hydra.samplers.base import BaseSampler, Index
+from pcpo_hydra.samplers.base import BaseSampler, Index, compute_dtype, mean_over_sample
 
 _OBJECTIVES = {"ratio": ratio_objective, "log_hinge": log_hinge_objective}
 
@@ -20,11 +20,23 @@ def _choose(name: str, value: object, options: tuple[object, ...]) -> None:
         raise ValueError(f"algorithm.{name} must be one of {options}, got {value!r}")
 
 
+def gaussian_kl(b: Tensor, s: Tensor, f_new: Tensor, f_ref: Tensor) -> Tensor:
+    """Tensor[B]: KL(pi_theta || pi_ref) of one step, ||mu_theta - mu_ref||^2 / (2 s^2), averaged.
+
+    The two Gaussians share x, a and s, so their means differ by b (f_new - f_ref) alone; averaged
+    over elements like the log-prob (Flow-GRPO's kl_loss), so beta keeps its meaning across sizes.
+    """
+    dtype = compute_dtype(f_new.dtype)
+    gap = (b.to(dtype) / s.to(dtype)) * (f_new.to(dtype) - f_ref.to(dtype))
+    return mean_over_sample(gap**2) / 2
+
+
 class PolicyGradient:
     """GRPO is (ratio, direct, native); PCPO is (log_hinge, matching, proportional).
 
     `credit_mode=None` defers to the sampler family's `default_credit_mode`. Call `prepare` once
-    with the configured sampler; roll out and update with the sampler it returns.
+    with the configured sampler; roll out and update with the sampler it returns. `kl_beta` > 0 adds
+    Flow-GRPO's KL penalty to the reference policy; the caller then passes the reference's output.
     """
 
     def __init__(
@@ -35,6 +47,7 @@ class PolicyGradient:
         credit_mode: str | None,
         clip_range: float,
         adv_clip_max: float,
+        kl_beta: float = 0.0,
     ) -> None:
         _choose("objective", objective, tuple(_OBJECTIVES))
         _choose("log_ratio", log_ratio, ("direct", "matching"))
@@ -42,12 +55,15 @@ class PolicyGradient:
         _choose("credit_mode", credit_mode, ("variance", "reweight", None))
         if clip_range <= 0:
             raise ValueError(f"algorithm.clip_range must be > 0, got {clip_range}")
+        if kl_beta < 0:
+            raise ValueError(f"algorithm.kl_beta must be >= 0, got {kl_beta}")
         self.objective = objective
         self.log_ratio = log_ratio
         self.credit = credit
         self.credit_mode = credit_mode
         self.clip_range = clip_range
         self.adv_clip_max = adv_clip_max
+        self.kl_beta = kl_beta
         self.scales: Tensor | None = None
         self._scales_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
@@ -69,20 +85,31 @@ class PolicyGradient:
         f_new: Tensor,
         log_prob_old: Tensor,
         advantages: Tensor,
+        f_ref: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(batch-mean loss, detached stats policy_loss, approx_kl, clipfrac, log_ratio_abs) at step(s) i."""
+        """(batch-mean loss, detached stats) at step(s) i; `f_ref` is the reference's output when kl_beta > 0.
+
+        Stats: policy_loss, approx_kl, clipfrac, log_ratio_abs, and kl_loss with the penalty on.
+        """
         log_rho = self._log_ratio(i, sampler, x, prev, noise, f_old, f_new, log_prob_old)
         r = self._scale(i, log_rho) * log_rho
         adv = clip_advantages(advantages, self.adv_clip_max).to(r.dtype)
-        loss, outside = _OBJECTIVES[self.objective](r, adv, self.clip_range)
-        loss = loss.mean()
+        policy_loss, outside = _OBJECTIVES[self.objective](r, adv, self.clip_range)
+        policy_loss = policy_loss.mean()
+        loss = policy_loss
         with torch.no_grad():
             stats = {
-                "policy_loss": loss.detach(),
+                "policy_loss": policy_loss.detach(),
                 "approx_kl": 0.5 * (log_rho**2).mean(),
                 "clipfrac": outside.to(log_rho.dtype).mean(),
                 "log_ratio_abs": log_rho.abs().mean(),
             }
+        if self.kl_beta:
+            if f_ref is None:
+                raise ValueError("algorithm.kl_beta > 0 needs the reference policy's output f_ref")
+            kl = gaussian_kl(*sampler.coefficients_for(i, f_new)[1:], f_new, f_ref).mean()
+            loss = loss + self.kl_beta * kl
+            stats["kl_loss"] = kl.detach()
         return loss, stats
 
     def _log_ratio(

@@ -33,23 +33,64 @@ class PretrainedSchema:
 
 
 @dataclass
-class StableDiffusionSchema(PretrainedSchema):
-    FAMILY: ClassVar[str] = "diffusion"  # what the network predicts; a sampler must be of the same family
-    _target_: str = "pcpo_hydra.models.stable_diffusion.load_stable_diffusion"
-    resolution: int = checked(512, positive())
+class PolicySchema:
+    """What every model node takes: guidance, what trains, and whether text encoders leave the device."""
+
     guidance_scale: float = checked(5.0, at_least(1.0))
-    gradient_checkpointing: bool = False
+    offload_text_encoders: bool = False  # embed all prompts once (text cache), then unload the encoders
     lora: LoraSchema = field(default_factory=LoraSchema)
 
 
 @dataclass
-class TinyStableDiffusionSchema:
-    FAMILY: ClassVar[str] = "diffusion"
-    _target_: str = "pcpo_hydra.models.tiny.build_tiny_sd"
+class PretrainedPolicySchema(PretrainedSchema, PolicySchema):
+    resolution: int = checked(512, positive())
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TinyPolicySchema(PolicySchema):
     seed: int = 0
     resolution: int = checked(32, positive())
-    guidance_scale: float = checked(5.0, at_least(1.0))
-    lora: LoraSchema = field(default_factory=LoraSchema)
+
+
+@dataclass
+class StableDiffusionSchema(PretrainedPolicySchema):
+    FAMILY: ClassVar[str] = "diffusion"  # what the network predicts; a sampler must be of the same family
+    _target_: str = "pcpo_hydra.models.stable_diffusion.load_stable_diffusion"
+
+
+@dataclass
+class TinyStableDiffusionSchema(TinyPolicySchema):
+    FAMILY: ClassVar[str] = "diffusion"
+    _target_: str = "pcpo_hydra.models.tiny.build_tiny_sd"
+
+
+@dataclass
+class SD3Schema(PretrainedPolicySchema):
+    FAMILY: ClassVar[str] = "flow"  # velocity prediction
+    _target_: str = "pcpo_hydra.models.sd3.load_sd3"
+    max_sequence_length: int = checked(256, positive())  # T5 tokens
+
+
+@dataclass
+class TinySD3Schema(TinyPolicySchema):
+    FAMILY: ClassVar[str] = "flow"
+    _target_: str = "pcpo_hydra.models.tiny_sd3.build_tiny_sd3"
+
+
+@dataclass
+class FluxSchema(PretrainedPolicySchema):
+    FAMILY: ClassVar[str] = "flow"
+    _target_: str = "pcpo_hydra.models.flux.load_flux"
+    guidance: float = checked(3.5, at_least(0.0))  # the distilled guidance FLUX.1-dev embeds
+    max_sequence_length: int = checked(512, positive())  # T5 tokens
+
+
+@dataclass
+class TinyFluxSchema(TinyPolicySchema):
+    FAMILY: ClassVar[str] = "flow"
+    _target_: str = "pcpo_hydra.models.tiny_flux.build_tiny_flux"
+    guidance: float = checked(3.5, at_least(0.0))
 
 
 # -------------------------------------------------------------------------------------- sampler
@@ -184,6 +225,7 @@ class AlgorithmSchema:
     credit_mode: Optional[str] = checked(None, one_of("variance", "reweight"))
     clip_range: float = checked(1e-4, positive())
     adv_clip_max: float = checked(5.0, positive())
+    kl_beta: float = checked(0.0, at_least(0.0))
     advantage: str = checked("group", one_of("group", "per_prompt"))
     stat_buffer_size: int = checked(32, positive())
     stat_min_count: int = checked(16, positive())
@@ -270,6 +312,7 @@ class RunSchema:
     checkpoint_every: int = checked(5, at_least(0))
     keep_checkpoints: int = checked(2, positive())
     log_images_every: int = checked(5, at_least(0))
+    text_cache_dir: Optional[str] = None
     rollout: RolloutSchema = field(default_factory=RolloutSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -303,8 +346,9 @@ class RewardServerSchema:
 # A group's schemas, keyed by the `_target_` a node names; None keys a group without `_target_`.
 GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
     "model": {
-        StableDiffusionSchema._target_: StableDiffusionSchema,
-        TinyStableDiffusionSchema._target_: TinyStableDiffusionSchema,
+        schema._target_: schema for schema in (
+            StableDiffusionSchema, TinyStableDiffusionSchema, SD3Schema, TinySD3Schema, FluxSchema, TinyFluxSchema,
+        )
     },
     "sampler": {
         schema._target_: schema for schema in (DDIMSamplerSchema, DanceGRPOSamplerSchema, FlowGRPOSamplerSchema)

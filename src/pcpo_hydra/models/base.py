@@ -1,12 +1,16 @@
 """`PolicyModel`: the one interface the rollout and the update use, whatever the model family.
 
-Classifier-free guidance, the cached unconditional embedding, placement on a device and the
-trainable-weight bookkeeping live here once; a family adds text encoding, one raw network call,
-decoding and its latent shape.
+Classifier-free guidance, the text-embedding cache (and unloading the text encoders behind it),
+the reference policy of the KL penalty, placement on a device and the trainable-weight
+bookkeeping live here once; a family adds text encoding, one raw network call, decoding and its
+latent shape.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.models.trainable import TrainableWeights
+from pcpo_hydra.models.text_cache import TextEmbeddingCache
+from pcpo_hydra.models.trainable import TrainableWeights, place_module
+
+log = logging.getLogger(__name__)
+
+
+def decode_with_vae(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Images in [0, 1] from latents: undo the VAE's scaling (and shift, SD3/FLUX) and decode."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    images = vae.decode(scaled, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 class PolicyModel(ABC):
@@ -26,7 +41,12 @@ class PolicyModel(ABC):
     """
 
     def __init__(
-        self, network: nn.Module, scheduler: Any, guidance_scale: float, weights: TrainableWeights
+        self,
+        network: nn.Module,
+        scheduler: Any,
+        guidance_scale: float,
+        weights: TrainableWeights,
+        offload_text_encoders: bool = False,
     ) -> None:
         if guidance_scale < 1.0:
             raise ValueError(f"model.guidance_scale must be >= 1.0 (1.0: no guidance), got {guidance_scale}")
@@ -34,9 +54,12 @@ class PolicyModel(ABC):
         self.scheduler = scheduler
         self.guidance_scale = float(guidance_scale)
         self.weights = weights
+        self.offload_text_encoders = offload_text_encoders
+        self.text_cache = TextEmbeddingCache(None, "memory")
         self._module = network
         self._weight_dtype = torch.float32
         self._uncond: dict[str, Tensor] | None = None
+        self._text_offloaded = False
         weights.attach(network)
 
     # ---- what a model family provides --------------------------------------------------------
@@ -51,8 +74,13 @@ class PolicyModel(ABC):
         """Batch-first conditioning tensors, computed without gradients."""
 
     @abstractmethod
-    def forward_network(self, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """One call of `self.network` on the batch as given (no guidance)."""
+    def forward_network(
+        self, network: nn.Module, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]
+    ) -> Tensor:
+        """One call of `network` (the policy's, or the KL reference) on the batch as given (no guidance).
+
+        `timestep` is in the sampler's units (0..1000); a family converts it to what its network takes.
+        """
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
@@ -61,6 +89,14 @@ class PolicyModel(ABC):
     @abstractmethod
     def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move the frozen modules around the network (VAE, text encoders)."""
+
+    @abstractmethod
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders `encode_prompts` runs: fingerprinted for the cache, unloaded by offloading."""
+
+    def text_settings(self) -> dict[str, Any]:
+        """Encoding settings beyond the encoders' weights that change an embedding (e.g. max length)."""
+        return {}
 
     # ---- shared behaviour ---------------------------------------------------------------------
 
@@ -73,23 +109,85 @@ class PolicyModel(ABC):
         """dtype of the network's inputs: its frozen base's under LoRA, float32 when all of it trains."""
         return self.weights.network_dtype(self._weight_dtype)
 
-    def predict(self, latents: Tensor, timestep: Tensor | int, cond: dict[str, Tensor]) -> Tensor:
+    def predict(
+        self, latents: Tensor, timestep: Tensor | int, cond: dict[str, Tensor], network: nn.Module | None = None
+    ) -> Tensor:
         """Network output after guidance, f_u + g (f_c - f_u), from one call on the doubled batch."""
+        network = self.network if network is None else network
         timestep = torch.as_tensor(timestep, device=latents.device)
         if self.guidance_scale == 1.0:
-            return self.forward_network(latents, timestep, cond)
+            return self.forward_network(network, latents, timestep, cond)
         batch = latents.shape[0]
         uncond = self.unconditional()
         both = {k: torch.cat([uncond[k].expand(batch, *v.shape[1:]), v]) for k, v in cond.items()}
         timesteps = timestep.repeat(2) if timestep.ndim else timestep
-        f_u, f_c = self.forward_network(torch.cat([latents, latents]), timesteps, both).chunk(2)
+        f_u, f_c = self.forward_network(network, torch.cat([latents, latents]), timesteps, both).chunk(2)
         return torch.lerp(f_u, f_c, self.guidance_scale)  # f_u + g (f_c - f_u) as one op, forward and back
+
+    @torch.no_grad()
+    def predict_reference(self, latents: Tensor, timestep: Tensor | int, cond: dict[str, Tensor]) -> Tensor:
+        """The reference policy's output (KL penalty): LoRA switched off, or the frozen initial copy."""
+        with self.weights.reference(self._module) as reference:
+            return self.predict(latents, timestep, cond, network=reference)
+
+    def keep_reference(self) -> None:
+        """Make `predict_reference` available; full fine-tuning keeps a frozen copy of the network now."""
+        self.weights.keep_reference(self._module, self._weight_dtype)
 
     def unconditional(self) -> dict[str, Tensor]:
         """The empty prompt's conditioning, encoded once per placement."""
         if self._uncond is None:
-            self._uncond = self.encode_prompts([""])
+            self._uncond = self.encode([""])
         return self._uncond
+
+    # ---- text embeddings: cached by model and prompt ------------------------------------------
+
+    def text_fingerprint(self) -> str:
+        """What an embedding depends on: encoder classes, configs, dtypes, a sample of weights, settings.
+
+        A weight sample (first values of each encoder's first and last tensor) tells apart two
+        checkpoints of one architecture, and tiny models of different seeds, without hashing
+        billions of weights.
+        """
+        digest = hashlib.sha256(type(self).__name__.encode())
+        for encoder in self.text_encoders():
+            config = encoder.config.to_json_string() if hasattr(encoder, "config") else ""
+            params = list(encoder.parameters())
+            digest.update(f"{type(encoder).__name__}|{config}|{params[0].dtype}".encode())
+            for p in (params[0], params[-1]):
+                digest.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+        digest.update(json.dumps(self.text_settings(), sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+
+    def use_text_cache(self, directory: Path | str | None) -> None:
+        """Cache embeddings under `directory` (None: in memory only), keyed by `text_fingerprint`."""
+        self.text_cache = TextEmbeddingCache(directory, self.text_fingerprint())
+        self._uncond = None
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """`encode_prompts` through the cache: only prompts it has not seen reach the text encoders."""
+        found, missing = self.text_cache.lookup(prompts)
+        if missing:
+            if self._text_offloaded:
+                log.warning("%d prompt(s) not in the text cache: encoding them with the offloaded "
+                            "text encoders (on the CPU)", len(missing))
+            encoded = self.encode_prompts(missing)
+            for k, prompt in enumerate(missing):
+                found[prompt] = self.text_cache.store(prompt, {key: v[k] for key, v in encoded.items()})
+        keys = found[prompts[0]].keys()
+        return {key: torch.stack([found[p][key] for p in prompts]).to(self.device) for key in keys}
+
+    def prepare_text(self, prompts: list[str]) -> None:
+        """With `offload_text_encoders`: embed every prompt (and "") now, then unload the encoders."""
+        if not self.offload_text_encoders:
+            return
+        self.encode(list(dict.fromkeys(["", *prompts])))
+        self._text_offloaded = True
+        self._offload_encoders()
+
+    def _offload_encoders(self) -> None:
+        for encoder in self.text_encoders():
+            place_module(encoder, torch.device("cpu"), next(encoder.parameters()).dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.weights.parameters(self._module)
@@ -106,5 +204,7 @@ class PolicyModel(ABC):
         self._weight_dtype = weight_dtype
         self.weights.place(self._module, device, weight_dtype)
         self._place_frozen(device, weight_dtype)
+        if self._text_offloaded:
+            self._offload_encoders()
         self._uncond = None
         return self

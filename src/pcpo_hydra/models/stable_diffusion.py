@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pcpo_hydra.models.base import PolicyModel
+from pcpo_hydra.models.base import PolicyModel, decode_with_vae
 from pcpo_hydra.models.loading import check_source, load_component
 from pcpo_hydra.models.trainable import LoraWeights, place_module, trainable_weights
 
@@ -34,8 +34,9 @@ class StableDiffusionPolicy(PolicyModel):
         guidance_scale: float = 5.0,
         lora: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        offload_text_encoders: bool = False,
     ) -> None:
-        super().__init__(unet, scheduler, guidance_scale, trainable_weights(lora))
+        super().__init__(unet, scheduler, guidance_scale, trainable_weights(lora), offload_text_encoders)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         for frozen in (vae, text_encoder):
             frozen.requires_grad_(False).eval()
@@ -65,21 +66,24 @@ class StableDiffusionPolicy(PolicyModel):
         ids = torch.tensor(ids, device=self.text_encoder.device)
         return {"prompt_embeds": self.text_encoder(ids).last_hidden_state}
 
-    def forward_network(self, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.network(
+    def forward_network(
+        self, network: nn.Module, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]
+    ) -> Tensor:
+        return network(
             latents.to(self.dtype), timestep,
             encoder_hidden_states=cond["prompt_embeds"].to(self.dtype), return_dict=False,
         )[0]
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(scaled, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_with_vae(self.vae, latents)
 
     def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         place_module(self.vae, device, weight_dtype)
         place_module(self.text_encoder, device, weight_dtype)
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder]
 
     def save_pretrained(self, directory: Path | str) -> Path:
         """Write a diffusers pipeline folder (what `load_stable_diffusion` and diffusers both read)."""
@@ -106,6 +110,7 @@ def load_stable_diffusion(
     guidance_scale: float = 5.0,
     lora: Mapping[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    offload_text_encoders: bool = False,
 ) -> StableDiffusionPolicy:
     """Hydra target of conf/model/sd1*.yaml: each component from a hub id or a local pipeline folder.
 
@@ -123,4 +128,5 @@ def load_stable_diffusion(
     return StableDiffusionPolicy(
         unet, vae, text_encoder, tokenizer, scheduler, resolution=resolution,
         guidance_scale=guidance_scale, lora=lora, gradient_checkpointing=gradient_checkpointing,
+        offload_text_encoders=offload_text_encoders,
     )

@@ -6,8 +6,10 @@ kept in, and what a checkpoint of the trained weights holds, so adapters never b
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,14 @@ class TrainableWeights(ABC):
     def load(self, network: nn.Module, directory: Path) -> None:
         """Copy weights written by `save` into the network in place (optimizer references survive)."""
 
+    @abstractmethod
+    def keep_reference(self, network: nn.Module, weight_dtype: torch.dtype) -> None:
+        """Remember the policy as it is now, so `reference` can reproduce it after training moves it."""
+
+    @abstractmethod
+    def reference(self, network: nn.Module) -> AbstractContextManager[nn.Module]:
+        """Context yielding a module that computes the reference policy (the KL penalty's anchor)."""
+
     def parameters(self, network: nn.Module) -> list[nn.Parameter]:
         return [p for p in network.parameters() if p.requires_grad]
 
@@ -92,8 +102,23 @@ class TrainableWeights(ABC):
 class FullWeights(TrainableWeights):
     """Every weight trains; saved as a diffusers model folder (config + one safetensors file)."""
 
+    def __init__(self) -> None:
+        self._frozen: nn.Module | None = None
+
     def attach(self, network: nn.Module) -> None:
         network.requires_grad_(True)
+
+    def keep_reference(self, network: nn.Module, weight_dtype: torch.dtype) -> None:
+        """A frozen copy of the whole network, in the frozen weights' dtype (a second network's memory)."""
+        frozen = copy.deepcopy(network).requires_grad_(False).eval()
+        place_module(frozen, next(network.parameters()).device, weight_dtype)
+        self._frozen = frozen
+
+    @contextmanager
+    def reference(self, network: nn.Module) -> Iterator[nn.Module]:
+        if self._frozen is None:
+            raise RuntimeError("the reference policy needs keep_reference() first (done when algorithm.kl_beta > 0)")
+        yield self._frozen
 
     def network_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return torch.float32
@@ -129,6 +154,18 @@ class LoraWeights(TrainableWeights):
 
     def network_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype
+
+    def keep_reference(self, network: nn.Module, weight_dtype: torch.dtype) -> None:
+        """Nothing to keep: the base under the adapters is the initial policy (B = 0 at init)."""
+
+    @contextmanager
+    def reference(self, network: nn.Module) -> Iterator[nn.Module]:
+        """The network with its adapters switched off, switched back on however the block exits."""
+        network.disable_adapters()
+        try:
+            yield network
+        finally:
+            network.enable_adapters()
 
     def save(self, network: nn.Module, directory: Path) -> None:
         from peft.utils import get_peft_model_state_dict
