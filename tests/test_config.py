@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.train import config_dir
@@ -147,3 +148,28 @@ def test_tiny_models_bring_their_recipe_and_real_models_keep_paper_values(compos
     assert (real.algorithm.clip_range, real.sampler.num_steps, real.optim.lr, real.epochs) == (1e-4, 50, 1e-4, 100)
     # The command line still wins over a recipe.
     assert validate(compose_cfg("algorithm.clip_range=0.2", "epochs=3")).algorithm.clip_range == 0.2
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("dancegrpo_flux_hps", {
+            "model._target_": "pcpo_hydra.models.flux.load_flux", "model.lora.rank": 128, "model.lora.alpha": 256.0,
+            "model.guidance_scale": 1.0, "sampler.num_steps": 12, "reward._target_": "pcpo_hydra.rewards.hpsv2.HPSv2Score",
+            "optim.lr": 3e-4, "train.timestep_fraction": 0.6, "train.num_updates": 4, "algorithm.clip_range": 1e-4,
+            "rollout.prompts_per_epoch": 32, "rollout.group_size": 12, "algorithm.kl_beta": 0.0,
+        }),
+        ("flowgrpo_sd3_ocr", {
+            "model._target_": "pcpo_hydra.models.sd3.load_sd3", "model.lora.rank": 32, "model.lora.alpha": 64.0,
+            "model.guidance_scale": 4.5, "sampler.num_steps": 10, "sampler.noise_level": 0.7,
+            "reward._target_": "pcpo_hydra.rewards.ocr.OcrReward", "optim.lr": 3e-4, "train.num_updates": 2,
+            "rollout.prompts_per_epoch": 8, "rollout.group_size": 8, "algorithm.kl_beta": 0.04,
+            "algorithm.clip_range": 1e-4,
+        }),
+    ],
+)
+@pytest.mark.parametrize("algorithm", ["grpo", "pcpo"])
+def test_flow_presets_carry_the_papers_table_7_values(compose_cfg, preset, expected, algorithm):
+    cfg = validate(compose_cfg(f"experiment={preset}", f"algorithm={algorithm}"))
+    assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
+    assert cfg.algorithm.objective == ("log_hinge" if algorithm == "pcpo" else "ratio")
