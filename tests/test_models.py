@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -12,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.models.loading import ModelLoadError
+from pcpo_hydra.models.loading import ModelLoadError, check_source, hub_unreachable
 from pcpo_hydra.models.stable_diffusion import StableDiffusionPolicy, load_stable_diffusion
 from pcpo_hydra.models.tiny import build_tiny_sd, save_tiny_sd, tiny_tokenizer
 
@@ -220,6 +222,31 @@ def test_offline_uncached_hub_id_names_model_component_and_fix(monkeypatch: pyte
                  "model.pretrained=", "hf download pcpo-hydra-tests/not-a-cached-model"):
         assert part in message
     assert caught.value.__cause__ is None
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_hub_fails_at_once_unless_the_repo_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"Cannot load model 'someone/flux-like'. Reason: the hub at 127.0.0.1:\d+ is unreachable"):
+        check_source("someone/flux-like")
+    assert time.perf_counter() - start < 2.0  # refused at once, no retries
+    (tmp_path / "models--someone--flux-like").mkdir()
+    check_source("someone/flux-like")  # cached before: the libraries load it from the cache
+    with socket.socket() as server:  # a hub that answers: no error either
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable() is None
 
 
 def test_missing_local_dir_is_named(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,11 @@ EPOCH_METRICS = {
 }
 
 
-def pcpo_train(store: Path, *overrides: str, returncode: int = 0) -> subprocess.CompletedProcess:
-    """Run the console script's module with a private MLflow store; check its exit status."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+def pcpo_train(
+    store: Path, *overrides: str, returncode: int = 0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the console script's module with a private MLflow store (and `env` added); check its exit status."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "pcpo_hydra.train", *TINY, *overrides],
         env=env, capture_output=True, text=True, timeout=600,
@@ -133,6 +136,22 @@ def test_missing_weights_stop_the_cli_with_the_fix_not_a_traceback(tmp_path: Pat
     assert not (tmp_path / "mlflow.db").exists()  # nothing was logged for a run that never started
 
 
+def test_flux_without_weights_or_hub_stops_at_once_with_the_fix(tmp_path: Path) -> None:
+    """The issue's command, on a machine whose hub endpoint refuses connections and whose cache is empty."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    offline = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "hub"),
+               "HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "", "http_proxy": "", "ALL_PROXY": ""}
+    result = pcpo_train(tmp_path / "mlflow.db", "algorithm=pcpo", "model=flux", f"hydra.run.dir={tmp_path / 'run'}",
+                        returncode=1, env=offline)
+    assert "pcpo-train: Cannot load model 'black-forest-labs/FLUX.1-dev'" in result.stderr
+    assert f"the hub at 127.0.0.1:{port} is unreachable" in result.stderr
+    assert "model.pretrained=<local path>" in result.stderr and "Traceback" not in result.stderr
+    assert "Retrying" not in result.stderr + result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_failed_rewards_are_left_out_and_counted_without_stopping_training(compose_cfg, tmp_path: Path) -> None:
     """A reward that returns NaN / inf for some samples: zero advantage for them, a count, finite weights."""
     import torch
@@ -161,3 +180,49 @@ def test_failed_rewards_are_left_out_and_counted_without_stopping_training(compo
     after = list(trainer.parts.model.trainable_parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the finite samples still trained
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "pcpo"])
+@pytest.mark.parametrize("model,sampler", [("tiny_sd3", "flowgrpo_sde"), ("tiny_flux", "dancegrpo_sde")])
+def test_flow_models_train_an_epoch_under_each_algorithm(tmp_path: Path, model: str, sampler: str, algorithm: str) -> None:
+    store, run_dir = tmp_path / "mlflow.db", tmp_path / "run"
+    pcpo_train(store, f"model={model}", f"algorithm={algorithm}", f"hydra.run.dir={run_dir}",
+               f"text_cache_dir={tmp_path / 'cache'}")
+    client = MlflowClient(f"sqlite:///{store}")
+    _, run = only_run(client)
+    assert run.info.status == "FINISHED"
+    metrics, tags = run.data.metrics, run.data.tags
+    for key in EPOCH_METRICS | {"text_cache/hits", "text_cache/misses"}:
+        assert math.isfinite(metrics[key]), key
+    assert tags["model"] == model and tags["sampler"] == sampler and tags["algorithm"] == algorithm
+    assert metrics["rollout/reward_min"] <= metrics["rollout/reward_mean"] <= metrics["rollout/reward_max"] < 0
+    assert metrics["rollout/reward_std"] > 0 and metrics["train/grad_norm"] > 0
+    assert 1 <= metrics["text_cache/misses"] <= 3 and metrics["text_cache/hits"] == 0  # <= 2 prompts (+ "")
+    assert "weights/diffusion_pytorch_model.safetensors" in artifact_paths(client, run.info.run_id)
+
+
+def test_text_cache_hits_from_the_second_epoch_and_kl_grows_from_zero(tmp_path: Path) -> None:
+    """One prompt, so every epoch draws it; one optimizer step per epoch, so epoch 1 is on the reference."""
+    common = ["model=tiny_sd3", "epochs=2", "prompts=list", "prompts.name=one", "prompts.prompts=[a red cube]",
+              "algorithm.kl_beta=0.04", "train.num_updates=1", f"text_cache_dir={tmp_path / 'cache'}"]
+    pcpo_train(tmp_path / "first.db", *common, f"hydra.run.dir={tmp_path / 'first'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'first.db'}")
+    _, run = only_run(client)
+    assert metric_steps(client, run.info.run_id, "text_cache/misses") == {1: 2.0, 2: 0.0}  # the prompt and ""
+    assert metric_steps(client, run.info.run_id, "text_cache/hits") == {1: 0.0, 2: 1.0}
+    kl = metric_steps(client, run.info.run_id, "train/kl_loss")
+    assert kl[1] == 0.0 and kl[2] > 0.0
+    loss, policy = (metric_steps(client, run.info.run_id, f"train/{k}") for k in ("loss", "policy_loss"))
+    assert loss[2] == pytest.approx(policy[2] + 0.04 * kl[2], rel=1e-5)
+
+    # A second run with the encoders offloaded finds every embedding on disk: no encoder call at all.
+    pcpo_train(tmp_path / "second.db", *common, "model.offload_text_encoders=true", f"hydra.run.dir={tmp_path / 'second'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'second.db'}")
+    _, run = only_run(client)
+    assert metric_steps(client, run.info.run_id, "text_cache/misses") == {1: 0.0, 2: 0.0}
+    # epoch 1: "" and the prompt up front, then the prompt for the rollout and "" for guidance.
+    assert metric_steps(client, run.info.run_id, "text_cache/hits") == {1: 4.0, 2: 1.0}

@@ -17,6 +17,14 @@ _EXPORTS = {
     "load_stable_diffusion": "stable_diffusion",
     "build_tiny_sd": "tiny",
     "save_tiny_sd": "tiny",
+    "SD3Policy": "sd3",
+    "load_sd3": "sd3",
+    "build_tiny_sd3": "tiny_sd3",
+    "save_tiny_sd3": "tiny_sd3",
+    "FluxPolicy": "flux",
+    "load_flux": "flux",
+    "build_tiny_flux": "tiny_flux",
+    "save_tiny_flux": "tiny_flux",
 }
 
 __all__ = list(_EXPORTS)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pcpo_hydra.models.text_cache import TextEmbeddingCache
-from pcpo_hydra.models.trainable import TrainableWeights, place_module
+from pcpo_hydra.models.trainable import LoraWeights, TrainableWeights, place_module
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ class PolicyModel(ABC):
     def text_settings(self) -> dict[str, Any]:
         """Encoding settings beyond the encoders' weights that change an embedding (e.g. max length)."""
         return {}
+
+    @abstractmethod
+    def pipeline(self) -> Any:
+        """These modules as the family's diffusers pipeline object (what `save_pretrained` writes)."""
 
     # ---- shared behaviour ---------------------------------------------------------------------
 
@@ -188,6 +192,16 @@ class PolicyModel(ABC):
     def _offload_encoders(self) -> None:
         for encoder in self.text_encoders():
             place_module(encoder, torch.device("cpu"), next(encoder.parameters()).dtype)
+
+    def save_pretrained(self, directory: Path | str) -> Path:
+        """Write a diffusers pipeline folder: what the family's loader and diffusers itself both read."""
+        if isinstance(self.weights, LoraWeights):
+            raise RuntimeError(
+                "save_pretrained writes the base pipeline, but this network carries LoRA adapters: "
+                "save the pipeline before LoRA is attached, and the adapters with save_trainable"
+            )
+        self.pipeline().save_pretrained(str(directory))
+        return Path(directory)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.weights.parameters(self._module)

@@ -72,12 +72,51 @@ def _first_line(error: BaseException) -> str:
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub endpoint takes no TCP connection within `timeout_s`, or None if it does.
+
+    Without this, a machine with no route to the hub spends ~30 s in huggingface_hub's retries per
+    file before the same error. Behind an HTTP(S) proxy a direct connection proves nothing: no probe.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=timeout_s).close()
+    except OSError as error:
+        return f"the hub at {address[0]}:{address[1]} is unreachable ({error}) and nothing of it is in the local cache"
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether any file of the repo was downloaded before (the libraries then fall back to the cache)."""
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir()
+
+
 def check_source(pretrained: str, revision: str | None = None, owner: WeightsFor = SD_PIPELINE) -> None:
-    """Fail before any download when `pretrained` names a local folder that does not exist."""
+    """Fail before any download when `pretrained` names a missing local folder, or an uncached hub
+    repo while the hub is unreachable."""
+    from huggingface_hub import is_offline_mode
+
     local = Path(pretrained).expanduser()
-    if not local.exists() and looks_like_path(pretrained):
+    if local.exists():
+        return
+    if looks_like_path(pretrained):
         reason = f"no such local directory {str(local)!r}, and not a hub id"
         raise load_error(pretrained, None, revision, reason, owner)
+    if not is_offline_mode() and not _in_hub_cache(pretrained):
+        reason = hub_unreachable()
+        if reason:
+            raise load_error(pretrained, None, revision, reason, owner)
 
 
 def load_component(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from pcpo_hydra.models.base import PolicyModel, decode_with_vae
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
-from pcpo_hydra.models.trainable import LoraWeights, place_module, trainable_weights
+from pcpo_hydra.models.trainable import place_module, trainable_weights
 from pcpo_hydra.samplers.flow_sde import sd3_sigmas
 
 SD3_PIPELINE = WeightsFor(
@@ -150,23 +149,16 @@ class SD3Policy(PolicyModel):
     def text_settings(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
 
-    def save_pretrained(self, directory: Path | str) -> Path:
-        """Write a diffusers pipeline folder (what `load_sd3` and StableDiffusion3Pipeline both read)."""
-        if isinstance(self.weights, LoraWeights):
-            raise RuntimeError(
-                "save_pretrained writes the base pipeline, but this transformer carries LoRA adapters: "
-                "save the pipeline before LoRA is attached, and the adapters with save_trainable"
-            )
+    def pipeline(self) -> Any:
+        """These modules as a diffusers StableDiffusion3Pipeline (what `load_sd3` reads back)."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipeline = StableDiffusion3Pipeline(
+        return StableDiffusion3Pipeline(
             transformer=self.transformer, scheduler=self.scheduler, vae=self.vae,
             text_encoder=self.clip_l, tokenizer=self.tokenizers[0],
             text_encoder_2=self.clip_g, tokenizer_2=self.tokenizers[1],
             text_encoder_3=self.t5, tokenizer_3=self.tokenizers[2],
         )
-        pipeline.save_pretrained(str(directory))
-        return Path(directory)
 
 
 def load_sd3(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pcpo_hydra.models.base import PolicyModel, decode_with_vae
 from pcpo_hydra.models.loading import check_source, load_component
-from pcpo_hydra.models.trainable import LoraWeights, place_module, trainable_weights
+from pcpo_hydra.models.trainable import place_module, trainable_weights
 
 
 class StableDiffusionPolicy(PolicyModel):
@@ -85,22 +84,15 @@ class StableDiffusionPolicy(PolicyModel):
     def text_encoders(self) -> list[nn.Module]:
         return [self.text_encoder]
 
-    def save_pretrained(self, directory: Path | str) -> Path:
-        """Write a diffusers pipeline folder (what `load_stable_diffusion` and diffusers both read)."""
-        if isinstance(self.weights, LoraWeights):
-            raise RuntimeError(
-                "save_pretrained writes the base pipeline, but this UNet carries LoRA adapters: "
-                "save the pipeline before LoRA is attached, and the adapters with save_trainable"
-            )
+    def pipeline(self) -> Any:
+        """These modules as a diffusers StableDiffusionPipeline (what `load_stable_diffusion` reads back)."""
         from diffusers import StableDiffusionPipeline
 
-        pipeline = StableDiffusionPipeline(
+        return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
-        pipeline.save_pretrained(str(directory))
-        return Path(directory)
 
 
 def load_stable_diffusion(
