@@ -24,6 +24,15 @@ from pcpo_hydra.models.trainable import LoraWeights, TrainableWeights, place_mod
 log = logging.getLogger(__name__)
 
 
+def token_ids(tokenizer: Any, prompts: list[str], length: int, encoder: nn.Module) -> Tensor:
+    """Ids padded and truncated to `length`, on the encoder's device (offloading may keep it off the GPU).
+
+    Lists -> tensor here: the tokenizer's return_tensors="pt" costs more than a tiny text encoder.
+    """
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    return torch.tensor(ids, device=encoder.device)
+
+
 def decode_with_vae(vae: nn.Module, latents: Tensor) -> Tensor:
     """Images in [0, 1] from latents: undo the VAE's scaling (and shift, SD3/FLUX) and decode."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0

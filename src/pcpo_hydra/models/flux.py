@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from pcpo_hydra.models.base import PolicyModel, decode_with_vae
+from pcpo_hydra.models.base import PolicyModel, decode_with_vae, token_ids
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
 from pcpo_hydra.models.trainable import place_module, trainable_weights
 from pcpo_hydra.samplers.flow_sde import TIMESTEP_SCALE, flux_sigmas
@@ -122,18 +122,12 @@ class FluxPolicy(PolicyModel):
 
         Both tokenizers pad to their full length (CLIP's model_max_length, `max_sequence_length` for T5).
         """
-        clip_ids = self._token_ids(self.tokenizer, prompts, self.tokenizer.model_max_length, self.text_encoder)
-        t5_ids = self._token_ids(self.tokenizer_2, prompts, self.max_sequence_length, self.text_encoder_2)
+        clip_ids = token_ids(self.tokenizer, prompts, self.tokenizer.model_max_length, self.text_encoder)
+        t5_ids = token_ids(self.tokenizer_2, prompts, self.max_sequence_length, self.text_encoder_2)
         return {
             "prompt_embeds": self.text_encoder_2(t5_ids).last_hidden_state,
             "pooled_prompt_embeds": self.text_encoder(clip_ids).pooler_output,
         }
-
-    @staticmethod
-    def _token_ids(tokenizer: Any, prompts: list[str], length: int, encoder: nn.Module) -> Tensor:
-        """Padded, truncated ids on the encoder's device (lists -> tensor: cheaper than return_tensors="pt")."""
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-        return torch.tensor(ids, device=encoder.device)
 
     def forward_network(
         self, network: nn.Module, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from pcpo_hydra.models.base import PolicyModel, decode_with_vae
+from pcpo_hydra.models.base import PolicyModel, decode_with_vae, token_ids
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
 from pcpo_hydra.models.trainable import place_module, trainable_weights
 from pcpo_hydra.samplers.flow_sde import sd3_sigmas
@@ -95,7 +95,7 @@ class SD3Policy(PolicyModel):
             self._clip(encoder, tokenizer, prompts, clip_length)
             for encoder, tokenizer in zip((self.clip_l, self.clip_g), self.tokenizers[:2])
         ))
-        t5_ids = self._token_ids(self.tokenizers[2], prompts, self.max_sequence_length, self.t5)
+        t5_ids = token_ids(self.tokenizers[2], prompts, self.max_sequence_length, self.t5)
         t5_states = self.t5(t5_ids).last_hidden_state
         clip_states = torch.cat(clip_states, dim=-1)
         clip_states = nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
@@ -108,15 +108,8 @@ class SD3Policy(PolicyModel):
         self, encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, prompts: list[str], length: int
     ) -> tuple[Tensor, Tensor]:
         """(penultimate hidden states, projected pooled embedding) of one CLIP encoder."""
-        out = encoder(self._token_ids(tokenizer, prompts, length, encoder), output_hidden_states=True)
+        out = encoder(token_ids(tokenizer, prompts, length, encoder), output_hidden_states=True)
         return out.hidden_states[-2], out.text_embeds
-
-    @staticmethod
-    def _token_ids(tokenizer: Any, prompts: list[str], length: int, encoder: nn.Module) -> Tensor:
-        """Ids padded/truncated to `length`, on the encoder's device (offloading may keep it off the GPU)."""
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-        # Lists -> tensor here: the tokenizer's return_tensors="pt" costs more than a tiny text encoder.
-        return torch.tensor(ids, device=encoder.device)
 
     def forward_network(
         self, network: nn.Module, latents: Tensor, timestep: Tensor, cond: dict[str, Tensor]

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pcpo_hydra.models.base import PolicyModel, decode_with_vae
+from pcpo_hydra.models.base import PolicyModel, decode_with_vae, token_ids
 from pcpo_hydra.models.loading import check_source, load_component
 from pcpo_hydra.models.trainable import place_module, trainable_weights
 
@@ -58,11 +58,7 @@ class StableDiffusionPolicy(PolicyModel):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"prompt_embeds": [B, L, D]}: CLIP's last hidden state, prompts padded to the full length."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-        ).input_ids
-        # Lists -> tensor here: the tokenizer's return_tensors="pt" costs more than a tiny text encoder.
-        ids = torch.tensor(ids, device=self.text_encoder.device)
+        ids = token_ids(self.tokenizer, prompts, self.tokenizer.model_max_length, self.text_encoder)
         return {"prompt_embeds": self.text_encoder(ids).last_hidden_state}
 
     def forward_network(
