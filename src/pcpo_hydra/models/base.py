@@ -1,9 +1,9 @@
 """`PolicyModel`: the one interface the rollout and the update use, whatever the model family.
 
 Classifier-free guidance, the text-embedding cache (and unloading the text encoders behind it),
-the reference policy of the KL penalty, placement on a device and the trainable-weight
-bookkeeping live here once; a family adds text encoding, one raw network call, decoding and its
-latent shape.
+the reference policy of the KL penalty, the frozen VAE and text encoders (freezing, placement,
+decoding), and the trainable-weight bookkeeping live here once; a family adds text encoding, one
+raw network call and its latent shape.
 """
 
 from __future__ import annotations
@@ -33,14 +33,6 @@ def token_ids(tokenizer: Any, prompts: list[str], length: int, encoder: nn.Modul
     return torch.tensor(ids, device=encoder.device)
 
 
-def decode_with_vae(vae: nn.Module, latents: Tensor) -> Tensor:
-    """Images in [0, 1] from latents: undo the VAE's scaling (and shift, SD3/FLUX) and decode."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    scaled = latents.to(vae.dtype) / vae.config.scaling_factor + shift
-    images = vae.decode(scaled, return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
 class PolicyModel(ABC):
     """A denoiser being trained plus the frozen parts around it.
 
@@ -55,8 +47,13 @@ class PolicyModel(ABC):
         scheduler: Any,
         guidance_scale: float,
         weights: TrainableWeights,
+        *,
+        vae: nn.Module,
+        text_encoders: list[nn.Module],
+        gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
     ) -> None:
+        """`vae` and `text_encoders` are frozen here; `network` trains as `weights` decides."""
         if guidance_scale < 1.0:
             raise ValueError(f"model.guidance_scale must be >= 1.0 (1.0: no guidance), got {guidance_scale}")
         self.network = network
@@ -69,7 +66,14 @@ class PolicyModel(ABC):
         self._weight_dtype = torch.float32
         self._uncond: dict[str, Tensor] | None = None
         self._text_offloaded = False
+        self.vae = vae
+        self._text_encoders = list(text_encoders)
+        for frozen in (vae, *self._text_encoders):
+            frozen.requires_grad_(False).eval()
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         weights.attach(network)
+        if gradient_checkpointing:
+            network.enable_gradient_checkpointing()
 
     # ---- what a model family provides --------------------------------------------------------
 
@@ -91,18 +95,6 @@ class PolicyModel(ABC):
         `timestep` is in the sampler's units (0..1000); a family converts it to what its network takes.
         """
 
-    @abstractmethod
-    def decode(self, latents: Tensor) -> Tensor:
-        """Images, float32 [B, 3, H, W] in [0, 1], without gradients."""
-
-    @abstractmethod
-    def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Move the frozen modules around the network (VAE, text encoders)."""
-
-    @abstractmethod
-    def text_encoders(self) -> list[nn.Module]:
-        """The text encoders `encode_prompts` runs: fingerprinted for the cache, unloaded by offloading."""
-
     def text_settings(self) -> dict[str, Any]:
         """Encoding settings beyond the encoders' weights that change an embedding (e.g. max length)."""
         return {}
@@ -112,6 +104,18 @@ class PolicyModel(ABC):
         """These modules as the family's diffusers pipeline object (what `save_pretrained` writes)."""
 
     # ---- shared behaviour ---------------------------------------------------------------------
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders `encode_prompts` runs: fingerprinted for the cache, unloaded by offloading."""
+        return self._text_encoders
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images, float32 [B, 3, H, W] in [0, 1]: undo the VAE's scaling (and shift, SD3/FLUX), decode."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        images = self.vae.decode(scaled, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @property
     def device(self) -> torch.device:
@@ -226,7 +230,8 @@ class PolicyModel(ABC):
         device = torch.device(device)
         self._weight_dtype = weight_dtype
         self.weights.place(self._module, device, weight_dtype)
-        self._place_frozen(device, weight_dtype)
+        for frozen in (self.vae, *self._text_encoders):
+            place_module(frozen, device, weight_dtype)
         if self._text_offloaded:
             self._offload_encoders()
         self._uncond = None

@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from pcpo_hydra.models.base import PolicyModel, decode_with_vae, token_ids
+from pcpo_hydra.models.base import PolicyModel, token_ids
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
-from pcpo_hydra.models.trainable import place_module, trainable_weights
+from pcpo_hydra.models.trainable import trainable_weights
 from pcpo_hydra.samplers.flow_sde import TIMESTEP_SCALE, flux_sigmas
 
 FLUX_PIPELINE = WeightsFor(
@@ -89,20 +89,19 @@ class FluxPolicy(PolicyModel):
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
     ) -> None:
-        super().__init__(transformer, scheduler, guidance_scale, trainable_weights(lora), offload_text_encoders)
-        self.transformer, self.vae = transformer, vae
+        super().__init__(
+            transformer, scheduler, guidance_scale, trainable_weights(lora), vae=vae,
+            text_encoders=[text_encoder, text_encoder_2], gradient_checkpointing=gradient_checkpointing,
+            offload_text_encoders=offload_text_encoders,
+        )
+        self.transformer = transformer
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        for frozen in (vae, text_encoder, text_encoder_2):
-            frozen.requires_grad_(False).eval()
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
         _check_schedule(scheduler.config)
         if not 0 < max_sequence_length <= MAX_T5_TOKENS:
             raise ValueError(f"model.max_sequence_length must be in 1..{MAX_T5_TOKENS}, got {max_sequence_length}")
         self.guidance = float(guidance)
         self.max_sequence_length = max_sequence_length
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = resolution
         multiple = self.vae_scale_factor * PATCH
         if resolution % multiple:
@@ -159,17 +158,6 @@ class FluxPolicy(PolicyModel):
             base_seq_len=config.base_image_seq_len, max_seq_len=config.max_image_seq_len,
             base_shift=config.base_shift, max_shift=config.max_shift,
         )
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_with_vae(self.vae, latents)
-
-    def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        for module in (self.vae, self.text_encoder, self.text_encoder_2):
-            place_module(module, device, weight_dtype)
-
-    def text_encoders(self) -> list[nn.Module]:
-        return [self.text_encoder, self.text_encoder_2]
 
     def text_settings(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}

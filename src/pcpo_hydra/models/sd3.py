@@ -10,9 +10,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from pcpo_hydra.models.base import PolicyModel, decode_with_vae, token_ids
+from pcpo_hydra.models.base import PolicyModel, token_ids
 from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
-from pcpo_hydra.models.trainable import place_module, trainable_weights
+from pcpo_hydra.models.trainable import trainable_weights
 from pcpo_hydra.samplers.flow_sde import sd3_sigmas
 
 SD3_PIPELINE = WeightsFor(
@@ -48,16 +48,15 @@ class SD3Policy(PolicyModel):
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
     ) -> None:
-        super().__init__(transformer, scheduler, guidance_scale, trainable_weights(lora), offload_text_encoders)
-        self.transformer, self.vae = transformer, vae
+        super().__init__(
+            transformer, scheduler, guidance_scale, trainable_weights(lora), vae=vae,
+            text_encoders=list(text_encoders), gradient_checkpointing=gradient_checkpointing,
+            offload_text_encoders=offload_text_encoders,
+        )
+        self.transformer = transformer
         self.clip_l, self.clip_g, self.t5 = text_encoders
         self.tokenizers = tokenizers
         self.max_sequence_length = max_sequence_length
-        for frozen in (vae, *text_encoders):
-            frozen.requires_grad_(False).eval()
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         default = transformer.config.sample_size * self.vae_scale_factor
         self.resolution = default if resolution is None else resolution
         self._check_resolution()
@@ -127,17 +126,6 @@ class SD3Policy(PolicyModel):
         """The pipeline's schedule: `set_timesteps(num_steps)` of the shifted scheduler, then 0."""
         config = self.scheduler.config
         return sd3_sigmas(num_steps, shift=config.shift, num_train_timesteps=config.num_train_timesteps)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_with_vae(self.vae, latents)
-
-    def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        for module in (self.vae, *self.text_encoders()):
-            place_module(module, device, weight_dtype)
-
-    def text_encoders(self) -> list[nn.Module]:
-        return [self.clip_l, self.clip_g, self.t5]
 
     def text_settings(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}

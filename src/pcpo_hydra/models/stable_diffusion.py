@@ -10,9 +10,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pcpo_hydra.models.base import PolicyModel, decode_with_vae, token_ids
+from pcpo_hydra.models.base import PolicyModel, token_ids
 from pcpo_hydra.models.loading import check_source, load_component
-from pcpo_hydra.models.trainable import place_module, trainable_weights
+from pcpo_hydra.models.trainable import trainable_weights
 
 
 class StableDiffusionPolicy(PolicyModel):
@@ -35,13 +35,11 @@ class StableDiffusionPolicy(PolicyModel):
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
     ) -> None:
-        super().__init__(unet, scheduler, guidance_scale, trainable_weights(lora), offload_text_encoders)
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        for frozen in (vae, text_encoder):
-            frozen.requires_grad_(False).eval()
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        super().__init__(
+            unet, scheduler, guidance_scale, trainable_weights(lora), vae=vae, text_encoders=[text_encoder],
+            gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
+        )
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
         default = unet.config.sample_size * self.vae_scale_factor
         self.resolution = default if resolution is None else resolution
         if self.resolution % self.vae_scale_factor:
@@ -68,17 +66,6 @@ class StableDiffusionPolicy(PolicyModel):
             latents.to(self.dtype), timestep,
             encoder_hidden_states=cond["prompt_embeds"].to(self.dtype), return_dict=False,
         )[0]
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_with_vae(self.vae, latents)
-
-    def _place_frozen(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        place_module(self.vae, device, weight_dtype)
-        place_module(self.text_encoder, device, weight_dtype)
-
-    def text_encoders(self) -> list[nn.Module]:
-        return [self.text_encoder]
 
     def pipeline(self) -> Any:
         """These modules as a diffusers StableDiffusionPipeline (what `load_stable_diffusion` reads back)."""
