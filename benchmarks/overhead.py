@@ -1,7 +1,7 @@
 """How lean is the loop? Epoch seconds by phase, epoch / pure-network time, and PCPO / GRPO.
 
     python benchmarks/overhead.py                        # the embedded default (tiny_sd, CPU)
-    python benchmarks/overhead.py --repeats 8 model=sd15 model.pretrained=/path/to/pipeline hardware=gpu
+    python benchmarks/overhead.py --repeats 8 model=sd15 model.pretrained=/path/to/pipeline hardware=gpu1
 
 Positional arguments are Hydra overrides, exactly as `pcpo-train` takes them, so any diffusers SD
 pipeline folder can be measured (`model=sd15 model.pretrained=<folder>`). GRPO and PCPO are built
@@ -93,7 +93,7 @@ class NetworkClock:
 def measure(arm: Arm) -> None:
     """One real epoch of this arm: seconds by phase, and the network's share of them."""
     arm.clock.seconds = 0.0
-    arm.trainer.run_epoch()
+    arm.trainer.run_epoch(len(arm.epochs) + 1)
     arm.epochs.append({**arm.trainer.timings, "network": arm.clock.seconds})
 
 

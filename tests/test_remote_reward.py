@@ -78,7 +78,7 @@ def compose_server(*overrides: str):
 
 
 def test_server_config_resolves_the_device_and_is_checked_like_training() -> None:
-    cfg = check_config(compose_server("reward=clipscore", "hardware=gpu", "reward.batch_size=8"))
+    cfg = check_config(compose_server("reward=clipscore", "hardware=gpu1", "reward.batch_size=8"))
     assert cfg.reward.device == "cuda" and cfg.server.max_batch == 8 and cfg.server.host == "127.0.0.1"
     with pytest.raises(ConfigError) as error:
         check_config(compose_server("server.port=70000", "reward.dtype=float64", "reward=clipscore"))

@@ -172,8 +172,8 @@ def test_failed_rewards_are_left_out_and_counted_without_stopping_training(compo
 
     trainer.parts.reward = FailsTwice()
     before = [p.detach().clone() for p in trainer.parts.model.trainable_parameters()]
-    traj, train_stats = trainer.run_epoch()
-    metrics = trainer.epoch_metrics(traj, train_stats)
+    traj, rewards, train_stats = trainer.run_epoch(1)
+    metrics = trainer.epoch_metrics(traj, rewards, train_stats)
     assert metrics["rollout/reward_nonfinite"] == 2
     assert traj.advantages[1] == 0 and traj.advantages[5] == 0
     assert math.isfinite(metrics["rollout/reward_mean"]) and math.isfinite(metrics["train/loss"])

@@ -24,7 +24,7 @@ def setup():
     model = build_tiny_sd(seed=0, resolution=16, guidance_scale=3.0)
     policy = PolicyGradient("log_hinge", "matching", "proportional", "reweight", 1e-4, 5.0)
     sampler = policy.prepare(build_ddim_sampler(model, STEPS, 1.0))
-    traj = sample_trajectories(model, sampler, ["cat", "cat", "dog", "dog"], 4, torch.Generator().manual_seed(0))
+    traj = sample_trajectories(model, sampler, ["cat", "cat", "dog", "dog"], 4, [torch.Generator().manual_seed(0)])
     traj.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     return model, sampler, policy, traj
 
@@ -38,7 +38,8 @@ def one_update(setup, steps_per_forward: int) -> tuple[dict[str, torch.Tensor], 
     accumulation = SAMPLES // BATCH * math.ceil(STEPS / steps_per_forward)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     train = OmegaConf.create({"batch_size": BATCH, "inner_epochs": 1, "timestep_fraction": 1.0,
-                              "steps_per_forward": steps_per_forward, "max_grad_norm": 1e9})
+                              "steps_per_forward": steps_per_forward, "max_grad_norm": 1e9,
+                              "max_nan_steps": 20})
     stats = update_policy(traj, model, sampler, policy, optimizer, accelerator, train,
                           torch.Generator().manual_seed(1))
     return {name: p.detach().clone() for name, p in model.network.named_parameters()}, stats

@@ -11,11 +11,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pcpo_hydra.checkpoint import latest_checkpoint, load_checkpoint
+from pcpo_hydra.checkpoint import latest_checkpoint, load_checkpoint, register_weight_hooks
 from pcpo_hydra.config import trained_steps
-from pcpo_hydra.distributed import build_accelerator, seed_everything, weight_dtype
+from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.models.loading import ModelLoadError
+from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.tracking import flatten_config, git_commit
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,17 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
         weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,
     )
     model.network, optimizer = accelerator.prepare(model.network, optimizer)
+    register_weight_hooks(accelerator, model)
     reward = build(cfg.reward)
     return Components(model, sampler, reward, algorithm, prompts, optimizer)
 
 
-def run_tags(choices: dict[str, str], overrides: list[str]) -> dict[str, str]:
-    """What a user filters runs by in the MLflow UI."""
+def run_tags(choices: dict[str, str], overrides: list[str], job: dict[str, str]) -> dict[str, str]:
+    """What a user filters runs by in the MLflow UI; `job` says which sweep job (and SLURM job) this is."""
     tags = {group: str(choices.get(group)) for group in
             ("algorithm", "model", "sampler", "reward", "hardware", "prompts", "experiment")}
     tags["overrides"] = " ".join(overrides) or "(none)"
+    tags.update(job)
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
@@ -73,20 +76,26 @@ def run_tags(choices: dict[str, str], overrides: list[str]) -> dict[str, str]:
 def build_trainer(cfg: DictConfig, run_dir: Path, track: bool = True) -> Trainer:
     """Seeded parts, accelerator and trainer; the main process gets the MLflow tracker if `track`."""
     seed_everything(cfg.seed)
-    accelerator = build_accelerator(cfg.hardware, accumulation_steps(cfg))
+    accelerator = build_accelerator(cfg.hardware, cfg.train, accumulation_steps(cfg))
     parts = build_components(cfg, accelerator)
     tracker = instantiate(cfg.logger) if track and accelerator.is_main_process else None
     return Trainer(cfg, parts, accelerator, tracker, run_dir)
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str]) -> float:
-    """Train one run in `run_dir`; resumes from its latest checkpoint when `cfg.resume` is set."""
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str], job: dict[str, str]) -> float:
+    """Train one run in `run_dir` on this rank.
+
+    A run dir that already holds a checkpoint is continued from it, into the same MLflow run:
+    `resume=<dir>` sends a run there, and a requeued SLURM job comes back to its own.
+    """
+    stop = StopSignals().install()  # before the slow build: a signal then still gets its checkpoint
     trainer = build_trainer(cfg, run_dir)
-    parts, tracker = trainer.parts, trainer.tracker
+    trainer.stop = stop
+    tracker = trainer.tracker
     run_id = None
-    if cfg.resume is not None:
-        checkpoint = latest_checkpoint(run_dir)
-        state = load_checkpoint(checkpoint, parts.model, parts.optimizer)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trainer.accelerator)
         trainer.load_state_dict(state)
         run_id = state["mlflow_run_id"]
         log.info("resumed %s at epoch %d", checkpoint, trainer.epoch)
@@ -94,20 +103,39 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     try:
         if tracker is not None:
             tracker.start(run_id, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
-                          {**run_tags(choices, overrides), "run_dir": str(run_dir)})
+                          {**run_tags(choices, overrides, job), "run_dir": str(run_dir)})
             trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
             if run_id is None:
                 tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         result = trainer.fit()
+        final = run_dir / "final_weights"
+        save_final_weights(trainer, final)
         if tracker is not None:
-            final = run_dir / "final_weights"
-            parts.model.save_trainable(final)
             tracker.log_artifact(final, "weights")
         status = "FINISHED"
         return result
+    except Preempted as preempted:
+        status = "KILLED"
+        stopped = preempted
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if tracker is not None:
             tracker.end(status)
+    stop.hand_over(stopped, in_submitit_job())  # leaves the process (requeued under submitit)
+
+
+def save_final_weights(trainer: Trainer, directory: Path) -> None:
+    """The trained weights, written by rank 0; under ZeRO-3 every rank first helps gather them."""
+    accelerator, model = trainer.accelerator, trainer.parts.model
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.network.module.parameters()), modifier_rank=None):
+            if accelerator.is_main_process:
+                model.save_trainable(directory)
+    elif accelerator.is_main_process:
+        model.save_trainable(directory)
+    accelerator.wait_for_everyone()

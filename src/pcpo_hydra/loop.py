@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pcpo_hydra.checkpoint import save_checkpoint
+from pcpo_hydra.distributed import batch_seed
+from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
 from pcpo_hydra.update import update_policy
 
@@ -52,17 +54,27 @@ def reward_stats(prefix: str, rewards: Tensor) -> dict[str, float]:
 
 
 class Trainer:
-    """Runs epochs and owns everything a resumed run must restore (epoch, RNG streams)."""
+    """Runs epochs and owns everything a resumed run must restore (epoch, RNG streams).
+
+    With several ranks, every rank draws the same global prompt list and samples its own share
+    of whole prompt groups; rewards are gathered before advantages, so group and per-prompt
+    statistics are those of the whole epoch, and the statistics logged are global.
+    """
 
     def __init__(
-        self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Any, run_dir: Path
+        self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Any, run_dir: Path,
+        stop: StopSignals | None = None,
     ) -> None:
         self.cfg, self.parts, self.accelerator, self.tracker = cfg, parts, accelerator, tracker
         self.run_dir = Path(run_dir)
+        self.stop = stop or StopSignals()
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.epoch = 0              # epochs completed
         self.logged_through = 0     # epochs already in the tracker (a resumed run skips them)
-        self.noise_generator = torch.Generator(accelerator.device).manual_seed(cfg.seed)
-        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        # Separate streams: the prompt draws stay identical on every rank whatever each rank's
+        # update consumes for its own shuffling.
+        self.prompt_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------- state
@@ -70,18 +82,16 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "noise_generator": self.noise_generator.get_state(),
+            "prompt_generator": self.prompt_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
             "advantages": self.parts.algorithm.advantages.state_dict(),
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
-        self.noise_generator.set_state(state["noise_generator"])
+        self.prompt_generator.set_state(state["prompt_generator"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
-        torch.set_rng_state(state["torch_rng"])
         self.parts.algorithm.advantages.load_state_dict(state["advantages"])
 
     # ------------------------------------------------------------------------------- phases
@@ -95,24 +105,53 @@ class Trainer:
         self.timings[phase] = time.perf_counter() - start
 
     def draw_prompts(self) -> list[str]:
-        """`prompts_per_epoch` prompts drawn with replacement, each repeated `group_size` times."""
+        """The whole epoch's prompt draws (`prompts_per_epoch` per rank, with replacement), each `group_size` times.
+
+        Every rank draws the same list from the same stream; a rank samples its own slice.
+        """
         rollout, prompts = self.cfg.rollout, self.parts.prompts
-        picks = torch.randint(len(prompts), (rollout.prompts_per_epoch,), generator=self.shuffle_generator)
+        draws = rollout.prompts_per_epoch * self.world
+        picks = torch.randint(len(prompts), (draws,), generator=self.prompt_generator)
         return [prompts[int(k)] for k in picks for _ in range(rollout.group_size)]
 
-    def rollout(self) -> Trajectories:
+    def local_rows(self) -> slice:
+        """This rank's samples in the epoch's global order: whole prompt groups, contiguous."""
+        per_rank = self.cfg.rollout.prompts_per_epoch * self.cfg.rollout.group_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def noise_generators(self, epoch: int) -> list[torch.Generator]:
+        """One generator per rollout batch, seeded by (seed, epoch, global batch index).
+
+        The noise of a batch then depends on where it sits in the epoch, not on which rank samples
+        it: one process with batch 2B sees the same noise as two with B each.
+        """
+        rows = self.local_rows()
+        size = self.cfg.rollout.batch_size
+        device = self.accelerator.device
+        return [torch.Generator(device).manual_seed(batch_seed(self.cfg.seed, epoch, start // size))
+                for start in range(rows.start, rows.stop, size)]
+
+    def rollout(self, epoch: int, prompts: list[str]) -> Trajectories:
         with self.timed("rollout"):
             self.parts.model.network.eval()
             return sample_trajectories(
-                self.parts.model, self.parts.sampler, self.draw_prompts(),
-                self.cfg.rollout.batch_size, self.noise_generator,
+                self.parts.model, self.parts.sampler, prompts[self.local_rows()],
+                self.cfg.rollout.batch_size, self.noise_generators(epoch),
             )
 
-    def score(self, traj: Trajectories) -> None:
+    def gather(self, values: Tensor) -> Tensor:
+        """Every rank's values, in rank order (= the epoch's global sample order)."""
+        return self.accelerator.gather(values.contiguous()) if self.world > 1 else values
+
+    def score(self, traj: Trajectories, prompts: list[str]) -> Tensor:
+        """Score this rank's images, set its advantages from the whole epoch's rewards; return all rewards."""
         with self.timed("reward"):
             rewards, traj.extras["reward_parts"] = self.parts.reward.score_parts(traj.images, traj.prompts)
             traj.rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
-            traj.advantages = self.parts.algorithm.advantages(traj.prompts, traj.rewards)
+            everyone = self.gather(traj.rewards)
+            advantages = self.parts.algorithm.advantages(prompts, everyone)
+            traj.advantages = advantages.to(traj.rewards.device)[self.local_rows()]
+            return everyone
 
     def update(self, traj: Trajectories) -> dict[str, float]:
         with self.timed("update"):
@@ -124,14 +163,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- loop
 
-    def run_epoch(self) -> tuple[Trajectories, dict[str, float]]:
+    def run_epoch(self, epoch: int) -> tuple[Trajectories, Tensor, dict[str, float]]:
         """One rollout -> reward -> advantage -> update pass, timed by phase and in total."""
         start = time.perf_counter()
-        traj = self.rollout()
-        self.score(traj)
+        prompts = self.draw_prompts()
+        traj = self.rollout(epoch, prompts)
+        rewards = self.score(traj, prompts)
         train_stats = self.update(traj)
         self.timings["epoch"] = time.perf_counter() - start
-        return traj, train_stats
+        return traj, rewards, train_stats
 
     def fit(self) -> float:
         """Train from the epoch after the last completed one to `cfg.epochs`; return the last reward mean."""
@@ -140,32 +180,51 @@ class Trainer:
         bar = tqdm(epochs, desc="epochs", disable=not self.accelerator.is_main_process)
         with logging_redirect_tqdm():
             for epoch in bar:
-                traj, train_stats = self.run_epoch()
-                metrics = self.epoch_metrics(traj, train_stats)
+                traj, rewards, train_stats = self.run_epoch(epoch)
+                metrics = self.epoch_metrics(traj, rewards, train_stats)
                 self.log_epoch(epoch, metrics, traj)
                 self.epoch = epoch
                 self.maybe_checkpoint(epoch)
+                self.maybe_stop(epoch)
         return metrics.get("rollout/reward_mean", float("nan"))
+
+    def maybe_stop(self, epoch: int) -> None:
+        """After a stop signal reached any rank: checkpoint this epoch (all ranks) and raise Preempted."""
+        signum = self.stop.agreed(self.accelerator)
+        if signum is None or epoch == self.cfg.epochs:
+            return
+        if not (self.cfg.checkpoint_every and epoch % self.cfg.checkpoint_every == 0):
+            self.save(epoch)
+        raise Preempted(signum, epoch)
 
     # ------------------------------------------------------------------------------- outputs
 
-    def epoch_metrics(self, traj: Trajectories, train_stats: dict[str, float]) -> dict[str, float]:
-        adv = traj.advantages
+    def epoch_metrics(self, traj: Trajectories, rewards: Tensor, train_stats: dict[str, float]) -> dict[str, float]:
+        """The epoch's statistics over all ranks: rewards and advantages gathered, training means averaged."""
+        adv = self.gather(traj.advantages)
         metrics = {
-            **reward_stats("rollout/reward", traj.rewards),
+            **reward_stats("rollout/reward", rewards),
             "rollout/advantage_mean": adv.mean().item(),
             "rollout/advantage_std": adv.std(unbiased=False).item(),
             "rollout/advantage_abs_max": adv.abs().max().item(),
             "train/lr": self.parts.optimizer.param_groups[0]["lr"],
-            **train_stats,
+            **self.mean_over_ranks(train_stats),
         }
         for name, values in traj.extras["reward_parts"].items():
-            metrics.update(reward_stats(f"reward/{name}", values))
+            metrics.update(reward_stats(f"reward/{name}", self.gather(values.to(adv.device).float())))
         for name, count in self.parts.model.text_cache.take_counts().items():
             metrics[f"text_cache/{name}"] = count
         metrics.update({f"time/{phase}_s": seconds for phase, seconds in self.timings.items()})
-        metrics["perf/images_per_s"] = len(traj) / self.timings["epoch"]
+        metrics["perf/images_per_s"] = len(rewards) / self.timings["epoch"]
         return metrics
+
+    def mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Each statistic averaged over the ranks (the same keys on every rank, in the same order)."""
+        if self.world == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device, dtype=torch.float64)
+        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist()))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], traj: Trajectories) -> None:
         """Console line always; tracker (rank 0) only for epochs it does not have yet."""
@@ -189,9 +248,9 @@ class Trainer:
 
     def maybe_checkpoint(self, epoch: int) -> None:
         every = self.cfg.checkpoint_every
-        if not every or epoch % every or not self.accelerator.is_main_process:
-            return
-        save_checkpoint(
-            self.run_dir, epoch, self.parts.model, self.parts.optimizer, self.state_dict(),
-            keep=self.cfg.keep_checkpoints,
-        )
+        if every and epoch % every == 0:
+            self.save(epoch)
+
+    def save(self, epoch: int) -> None:
+        """Checkpoint `epoch`; every rank takes part (ZeRO shards are saved by their owners)."""
+        save_checkpoint(self.run_dir, epoch, self.accelerator, self.state_dict(), keep=self.cfg.keep_checkpoints)

@@ -61,13 +61,16 @@ def _sample_chunk(model, sampler, cond: dict[str, Tensor], generator: torch.Gene
 
 
 def sample_trajectories(
-    model, sampler, prompts: list[str], batch_size: int, generator: torch.Generator
+    model, sampler, prompts: list[str], batch_size: int, generators: list[torch.Generator]
 ) -> Trajectories:
-    """Run the sampler for every prompt, `batch_size` trajectories per network call."""
+    """Run the sampler for every prompt, `batch_size` trajectories per network call, batch k's noise from generators[k]."""
+    starts = range(0, len(prompts), batch_size)
+    if len(generators) != len(starts):
+        raise ValueError(f"{len(generators)} noise generators for {len(starts)} batches of {batch_size}")
     cond = _encode(model, prompts)
     chunks = [
         _sample_chunk(model, sampler, {k: v[s : s + batch_size] for k, v in cond.items()}, generator)
-        for s in range(0, len(prompts), batch_size)
+        for s, generator in zip(starts, generators)
     ]
     latents, outputs, noise, log_probs, images = (torch.cat(parts) for parts in zip(*chunks))
     return Trajectories(prompts, cond, latents, outputs, noise, log_probs, images)

@@ -5,7 +5,9 @@ Everything heavy is imported inside `run`, after validation, so `--help` and `--
 
 from __future__ import annotations
 
+import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -42,15 +44,33 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from pcpo_hydra.build import run
+    from pcpo_hydra.distributed import LaunchError, launch
     from pcpo_hydra.models.loading import ModelLoadError
 
     hydra_cfg = HydraConfig.get()
     choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
+    job = partial(run, cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task),
+                  job_tags(hydra_cfg))
     try:
-        return run(cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task))
-    except ModelLoadError as exc:  # its message says what to do; a traceback would bury it
+        return launch(job, cfg.hardware, OmegaConf.to_container(hydra_cfg.job_logging, resolve=True))
+    except (ModelLoadError, LaunchError) as exc:  # its message says what to do; a traceback would bury it
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
+    """Which sweep and job number this run is (multirun only), and its SLURM job id when it has one."""
+    from hydra.types import RunMode
+
+    tags = {}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        tags["sweep_id"] = str(Path(hydra_cfg.sweep.dir).resolve())
+        tags["job_num"] = str(hydra_cfg.job.num)
+    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if slurm_job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        tags["slurm_job_id"] = f"{slurm_job}_{task}" if task else slurm_job
+    return tags
 
 
 if __name__ == "__main__":

@@ -37,6 +37,27 @@ def _forwards(rows: Tensor, order: Tensor, per_forward: int) -> Iterator[tuple[T
         yield rows[:, None].expand_as(steps).reshape(-1), steps.reshape(-1), weight
 
 
+class NonFiniteLoss(RuntimeError):
+    """`train.max_nan_steps` micro-batches in a row had a NaN or infinite loss."""
+
+
+def _any_rank(flag: bool, accelerator: Accelerator) -> bool:
+    """True on every rank if `flag` is true on any (ranks must take the same branch around a collective)."""
+    if accelerator.num_processes == 1:
+        return flag
+    mine = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(mine, reduction="max").item())
+
+
+def _zero_loss(params: list[Tensor]) -> Tensor:
+    """A loss with exact zero gradients for every trained weight: what a skipped micro-batch backpropagates.
+
+    Multiplying the NaN loss by zero would not do (0 * NaN is NaN, and so are its gradients); the
+    backward still runs, so DDP/DeepSpeed see the same collective calls on every rank.
+    """
+    return sum(p.sum() for p in params) * 0.0
+
+
 def update_policy(
     traj: Trajectories,
     model,
@@ -53,7 +74,7 @@ def update_policy(
     params = model.trainable_parameters()
     device = traj.latents.device
     totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    forwards, grad_norms = 0, []
+    forwards, grad_norms, skipped, in_a_row = 0, [], 0, 0
     for _ in range(train.inner_epochs):
         order = torch.randperm(n, generator=generator).to(device)
         step_order = _step_order(n, steps, trained, generator).to(device)
@@ -69,16 +90,29 @@ def update_policy(
                         k, sampler, x, traj.latents[r, k + 1], traj.noise[r, k],
                         traj.outputs[r, k], f_new, traj.log_probs[r, k], traj.advantages[r], f_ref,
                     )
-                    accelerator.backward(loss * weight)
+                    bad = _any_rank(not torch.isfinite(loss).item(), accelerator)
+                    accelerator.backward(_zero_loss(params) if bad else loss * weight)
                     if accelerator.sync_gradients:  # only here: the wrapped step costs ~1 ms even as a no-op
-                        grad_norms.append(accelerator.clip_grad_norm_(params, train.max_grad_norm))
-                        optimizer.step()
+                        norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
+                        grad_norms.append(norm)
+                        if norm is None or math.isfinite(float(norm)):  # DeepSpeed (None) stepped in backward
+                            optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                skipped, in_a_row = skipped + bad, (in_a_row + 1) * bad
+                if in_a_row >= train.max_nan_steps:
+                    raise NonFiniteLoss(
+                        f"{in_a_row} micro-batches in a row had a non-finite loss (train.max_nan_steps="
+                        f"{train.max_nan_steps}); stopping with the last checkpoint as it was"
+                    )
+                if bad:
+                    continue
                 totals["loss"] += loss.detach()
                 for key, value in stats.items():
                     totals[key] += value.detach()
                 forwards += 1
-    means = {f"train/{key}": float(value) / forwards for key, value in totals.items()}
-    means["train/grad_norm"] = float(torch.stack([torch.as_tensor(g) for g in grad_norms]).mean())
+    means = {f"train/{key}": float(value) / max(forwards, 1) for key, value in totals.items()}
+    norms = [float(g) for g in grad_norms if g is not None]
+    means["train/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     means["train/num_updates"] = float(len(grad_norms))
+    means["train/nan_steps"] = float(skipped)
     return means

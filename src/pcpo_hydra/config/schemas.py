@@ -235,10 +235,59 @@ class AlgorithmSchema:
 
 
 @dataclass
+class DeepSpeedSchema:
+    """ZeRO through Accelerate's DeepSpeed plugin; `null` in place of this node trains without DeepSpeed."""
+
+    stage: int = checked(2, one_of(0, 1, 2, 3))
+    offload_optimizer: bool = False   # optimizer states (and the step) in CPU memory
+    offload_params: bool = False      # parameters in CPU memory between uses (stage 3 only)
+    overlap_comm: bool = True         # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = checked(500_000_000, positive())     # elements per gradient reduction
+    allgather_bucket_size: int = checked(500_000_000, positive())  # elements per parameter all-gather
+
+    def relations(self, prefix: str) -> Iterator[str]:
+        if self.offload_params and self.stage != 3:
+            yield f"{prefix}.offload_params=True: needs {prefix}.stage=3 (got {self.stage})"
+
+
+@dataclass
+class SlurmResourcesSchema:
+    """What hydra/launcher=slurm (and =local) asks for; conf/hydra/launcher/*.yaml read these."""
+
+    nodes: int = checked(1, positive())
+    tasks_per_node: int = checked(1, positive())   # one training process per task
+    gpus_per_node: int = checked(0, at_least(0))
+    cpus_per_task: int = checked(2, positive())
+    mem_gb: int = checked(16, at_least(0))         # 0: all of the node's memory
+    timeout_min: int = checked(60, positive())
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    signal_delay_s: int = checked(120, positive())  # SIGUSR1 this long before the time limit
+
+
+@dataclass
 class HardwareSchema:
     device: str = checked("cpu", one_of("cpu", "cuda"))
     mixed_precision: str = checked("no", one_of("no", "fp16", "bf16"))
     num_threads: Optional[int] = checked(None, positive())
+    nodes: int = checked(1, positive())
+    processes_per_node: int = checked(1, positive())  # one per GPU; world size = nodes x this
+    backend: Optional[str] = checked(None, one_of("gloo", "nccl"))  # null: nccl on cuda, gloo on cpu
+    collective_timeout_min: int = checked(30, positive())  # a rank waiting longer on the others fails
+    deepspeed: Optional[DeepSpeedSchema] = None
+    slurm: SlurmResourcesSchema = field(default_factory=SlurmResourcesSchema)
+
+    def relations(self, prefix: str) -> Iterator[str]:
+        """The launcher's task layout must be the training world's."""
+        for ours, theirs in (("nodes", "nodes"), ("processes_per_node", "tasks_per_node")):
+            if getattr(self, ours) != getattr(self.slurm, theirs):
+                yield (f"{prefix}.slurm.{theirs}={getattr(self.slurm, theirs)}: must equal "
+                       f"{prefix}.{ours}={getattr(self, ours)} (one task per training process)")
+        if self.device == "cuda" and self.slurm.gpus_per_node and self.slurm.gpus_per_node < self.processes_per_node:
+            yield (f"{prefix}.slurm.gpus_per_node={self.slurm.gpus_per_node}: fewer GPUs than "
+                   f"{prefix}.processes_per_node={self.processes_per_node}")
 
 
 @dataclass
@@ -291,6 +340,7 @@ class TrainSchema:
     num_updates: int = checked(1, positive())
     steps_per_forward: int = checked(1, positive())
     max_grad_norm: float = checked(1.0, positive())
+    max_nan_steps: int = checked(20, positive())  # micro-batches in a row with a non-finite loss before the run stops
 
 
 @dataclass

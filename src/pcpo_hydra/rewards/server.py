@@ -1,6 +1,6 @@
 """`pcpo-reward-server`: serve any conf/reward option over HTTP to `reward=remote` clients.
 
-    pcpo-reward-server reward=clipscore hardware=gpu server.port=8765
+    pcpo-reward-server reward=clipscore hardware=gpu1 server.port=8765
 
 Composed by Hydra from conf/reward_server.yaml, with the reward and hardware groups pcpo-train
 uses, and checked by the same schemas before anything heavy is imported or the reward is loaded.

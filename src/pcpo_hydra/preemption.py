@@ -1,0 +1,70 @@
+"""Preemption and time limits: SIGTERM / SIGUSR1 stop a run at the end of its epoch, checkpointed.
+
+SLURM sends SIGUSR1 (`--signal`, hydra.launcher.signal_delay_s) before a job's time limit and
+SIGTERM on preemption. Either only marks the run; the loop finishes the epoch it is in, all ranks
+agree to stop, a checkpoint is written, and then:
+- inside a submitit job, submitit's own SIGUSR1 handler (its checkpoint protocol) requeues the
+  job; the requeued job finds the checkpoint in its run dir and continues the same MLflow run;
+- otherwise the process exits with 128 + the signal's number, and `pcpo-train resume=<run dir>`
+  continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised by the loop after the stop checkpoint; carries the signal that asked for it."""
+
+    def __init__(self, signum: int, epoch: int) -> None:
+        self.signum, self.epoch = signum, epoch
+        super().__init__(f"stopped by {signal.Signals(signum).name} after epoch {epoch}")
+
+
+class StopSignals:
+    """Notes STOP_SIGNALS while installed; remembers the handlers it replaced (submitit's among them)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _note(self, signum: int, _frame: Any) -> None:
+        if self.signum is None:
+            log.warning("received %s: stopping after this epoch, with a checkpoint", signal.Signals(signum).name)
+        self.signum = signum
+
+    def agreed(self, accelerator: Any) -> int | None:
+        """The stop signal if any rank got one (every rank learns it at the same epoch), else None."""
+        import torch
+
+        mine = torch.tensor([self.signum or 0], device=accelerator.device)
+        signum = int(accelerator.reduce(mine, reduction="max").item()) if accelerator.num_processes > 1 else int(mine)
+        return signum or None
+
+    def hand_over(self, stop: Preempted, in_submitit_job: bool) -> None:
+        """Leave the process: through submitit's requeue (it exits), else with 128 + the signal."""
+        requeue = self._previous.get(signal.SIGUSR1)
+        self.uninstall()
+        if in_submitit_job and callable(requeue):
+            log.warning("%s: handing over to submitit to requeue the job", stop)
+            requeue(signal.SIGUSR1, None)  # rank 0 requeues and exits; the other ranks return
+        else:
+            log.warning("%s; continue it with: pcpo-train resume=<this run's directory>", stop)
+        raise SystemExit(128 + stop.signum)
