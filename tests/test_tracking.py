@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,32 @@ def test_two_trackers_in_one_process_keep_their_runs_apart(store: str) -> None:
     second.log_metrics({"m": 2.0}, step=1)
     values = [MlflowClient(store).get_metric_history(run_id, "m")[0].value for run_id in ids]
     assert values == [1.0, 2.0]
+
+
+def test_an_experiment_another_job_created_meanwhile_is_joined(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    existing = MlflowClient(store).create_experiment("race")
+    lookups: list[str] = []
+    real_lookup = MlflowClient.get_experiment_by_name
+
+    def lookup_before_the_other_job(client: MlflowClient, name: str):
+        lookups.append(name)  # the first lookup happens before the other job's creation lands
+        return None if len(lookups) == 1 else real_lookup(client, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_before_the_other_job)
+    run_id = new_run(MLflowTracker(store, "race"))
+    monkeypatch.undo()
+    assert lookups == ["race", "race"]
+    assert MlflowClient(store).get_run(run_id).info.experiment_id == existing
+
+
+def test_an_unreachable_tracking_server_fails_at_once_naming_the_launcher() -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:\d+ .*launchers/mlflow_server.sh start"):
+        MLflowTracker(f"http://127.0.0.1:{port}", EXPERIMENT)
+    assert time.perf_counter() - started < 5
 
 
 def test_tracking_uri_precedence_is_argument_then_environment_then_default(

@@ -7,11 +7,15 @@ a sweep's jobs) never log into each other.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import logging
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,8 +44,10 @@ TRUNCATED = "...[truncated]"
 
 LOCK_RETRIES = 5  # a sqlite store shared by a sweep's jobs is briefly locked while one writes
 LOCK_BACKOFF_S = 0.5
+SERVER_PROBE_TIMEOUT_S = 10
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -110,25 +116,69 @@ def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-def is_locked(error: MlflowException) -> bool:
+def is_locked(error: Exception) -> bool:
+    """A sqlite lock, as MLflow reports it (MlflowException) or SQLAlchemy does while a store opens."""
     return "database is locked" in str(error)
 
 
 def retry_if_locked(call: Callable[..., T]) -> Callable[..., T]:
-    """`call`, retried with exponential backoff while the sqlite store reports a lock."""
+    """`call`, retried with exponential backoff while the sqlite store reports a lock.
+
+    MLflow already waits up to 20 s for a lock inside each call (sqlite's busy_timeout); a lock
+    error reaching us means a writer held it longer, so the retries wait seconds, not milliseconds.
+    """
 
     @functools.wraps(call)
     def retrying(*args: Any, **kwargs: Any) -> T:
         for attempt in range(LOCK_RETRIES - 1):
             try:
                 return call(*args, **kwargs)
-            except MlflowException as error:
+            except Exception as error:
                 if not is_locked(error):
                     raise
-            time.sleep(LOCK_BACKOFF_S * 2**attempt)
+            delay = LOCK_BACKOFF_S * 2**attempt
+            log.warning("MLflow store locked during %s; retry %d in %.1f s", call.__name__, attempt + 1, delay)
+            time.sleep(delay)
         return call(*args, **kwargs)
 
     return retrying
+
+
+@retry_if_locked
+def open_client(tracking_uri: str) -> MlflowClient:
+    """A client of the store at `tracking_uri`, which must be a resolved URI.
+
+    A sqlite store is opened under an exclusive lock on a file beside it: opening creates a new
+    store's tables, which MLflow does without a lock of its own, so the jobs of a sweep opening
+    the same new store at once failed in its migrations ("table ... already exists"). A tracking
+    server is asked first whether it is up, so a job fails at once rather than after MLflow's
+    minutes of connection retries.
+    """
+    database = sqlite_path(tracking_uri)
+    if database is None:
+        check_server(tracking_uri)
+        return MlflowClient(tracking_uri=tracking_uri)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri=tracking_uri)
+
+
+def check_server(tracking_uri: str) -> None:
+    """Raise ConnectionError when nothing answers at an http(s) tracking URI; other URIs pass.
+
+    Any HTTP answer counts, an error status included: a server behind a proxy may guard /health.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:
+        raise ConnectionError(
+            f"no MLflow tracking server answers at {tracking_uri} ({error}). Start one with "
+            "`launchers/mlflow_server.sh start` (port: $PCPO_MLFLOW_PORT), or log to sqlite with logger=mlflow"
+        ) from error
 
 
 class _LockRetryingClient:
@@ -158,7 +208,7 @@ class MLflowTracker:
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         self._artifact_location = (database.parent / ARTIFACTS_DIR).as_uri() if database else None
-        self._client: Any = _LockRetryingClient(MlflowClient(tracking_uri=self.tracking_uri))
+        self._client: Any = _LockRetryingClient(open_client(self.tracking_uri))
         self._run_id: str | None = None
         self._ended = False
 
@@ -251,10 +301,10 @@ class MLflowTracker:
                 return self._client.create_experiment(
                     self.experiment_name, self._artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
                 )
-            except MlflowException:  # another job of the sweep may have created it meanwhile
-                experiment = self._client.get_experiment_by_name(self.experiment_name)
-                if experiment is None:
+            except MlflowException as error:  # another job of the sweep created it meanwhile
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
+                experiment = self._client.get_experiment_by_name(self.experiment_name)
         if EXPERIMENT_KIND_TAG not in experiment.tags:
             self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
