@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,14 @@ class StopSignals:
         self.uninstall()
         if in_submitit_job and callable(requeue):
             log.warning("%s: handing over to submitit to requeue the job", stop)
-            requeue(signal.SIGUSR1, None)  # rank 0 requeues and exits; the other ranks return
+            try:
+                requeue(signal.SIGUSR1, None)  # rank 0 requeues and exits; the other ranks return
+            except subprocess.CalledProcessError as error:
+                # `scontrol requeue` runs inside the job it requeues: SLURM's SIGTERM to the job can
+                # reach it before the controller's reply does. The requeue itself went through.
+                if error.returncode != -signal.SIGTERM:
+                    raise
+                log.warning("scontrol requeue was terminated along with the job it requeued")
         else:
             log.warning("%s; continue it with: pcpo-train resume=<this run's directory>", stop)
         raise SystemExit(128 + stop.signum)
