@@ -111,35 +111,37 @@ def initial_weights(compose_cfg) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
-def test_zero2_on_two_ranks_matches_one_process_with_twice_the_batch(compose_cfg, tmp_path: Path) -> None:
-    """Two updates: 2 ranks x 2 prompts under ZeRO-2 reach the weights of 1 process x 4 prompts.
+def test_zero2_and_zero3_on_two_ranks_match_one_process_with_twice_the_batch(compose_cfg, tmp_path: Path) -> None:
+    """Two updates: 2 ranks x 2 prompts under ZeRO-2 and ZeRO-3 reach the weights of 1 process x 4 prompts.
 
-    Both updates train on the epoch's one rollout (inner_epochs=2, one update each), so the two
-    runs step on the same samples; the order inside an update only changes float summation.
-    Adam's eps is set far above the gradients, which makes AdamW a plain gradient step: a wrong
-    gradient scale (a sum over ranks instead of a mean, a wrong accumulation count) would then
-    show, where Adam's usual sign-like first steps would hide it.
+    Both updates train on the epoch's one rollout (inner_epochs=2, one update each), so the runs
+    step on the same samples; the order inside an update only changes float summation. Adam's
+    eps is set far above the gradients, which makes AdamW a plain gradient step: a wrong gradient
+    scale (a sum over ranks instead of a mean, a wrong accumulation count) would then show, where
+    Adam's usual sign-like first steps would hide it. ZeRO-3's final weights are gathered from shards.
     """
     common = ["epochs=1", "train.inner_epochs=2", "train.num_updates=1", "train.timestep_fraction=1.0",
               "checkpoint_every=0", "optim.lr=1e-2", "optim.eps=1.0", "train.max_grad_norm=1e9"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    two.mkdir(), one.mkdir()
-    result = pcpo_train(two, *common, "hardware=cpu2_zero2", "rollout.prompts_per_epoch=2", f"hydra.run.dir={two}/run")
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = pcpo_train(one, *common, "hardware=cpu", "hardware.num_threads=1", "rollout.prompts_per_epoch=4",
-                        f"hydra.run.dir={one}/run")
-    assert result.returncode == 0, result.stderr[-4000:]
+    runs = {
+        "one": ["hardware=cpu", "hardware.num_threads=1", "rollout.prompts_per_epoch=4"],
+        "zero2": ["hardware=cpu2_zero2", "rollout.prompts_per_epoch=2"],
+        "zero3": ["hardware=cpu2_zero2", "hardware.deepspeed.stage=3", "rollout.prompts_per_epoch=2"],
+    }
+    for name, overrides in runs.items():
+        (tmp_path / name).mkdir()
+        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run")
+        assert result.returncode == 0, result.stderr[-4000:]
 
-    assert reward_history(two / "mlflow.db") == pytest.approx(reward_history(one / "mlflow.db"), rel=1e-6)
     initial = initial_weights(compose_cfg)
-    sharded, single = final_weights(two / "run"), final_weights(one / "run")
-    assert sharded.keys() == single.keys() == initial.keys()
-    moved_sharded = torch.cat([(sharded[k] - initial[k]).flatten() for k in initial])
-    moved_single = torch.cat([(single[k] - initial[k]).flatten() for k in initial])
-    assert moved_single.abs().max() > 1e-3  # the weights did train
-    relative = ((moved_sharded - moved_single).norm() / moved_single.norm()).item()
-    print(f"ZeRO-2 x 2 vs 1 process: relative difference of the updates {relative:.2e}")
-    assert relative < 1e-4  # measured ~1e-5 (float summation order); a 2x gradient scale error gives 0.5
+    moved = {name: torch.cat([(final_weights(tmp_path / name / "run")[k] - initial[k]).flatten() for k in initial])
+             for name in runs}
+    assert moved["one"].abs().max() > 1e-3  # the weights did train
+    for sharded in ("zero2", "zero3"):
+        assert reward_history(tmp_path / sharded / "mlflow.db") == pytest.approx(
+            reward_history(tmp_path / "one" / "mlflow.db"), rel=1e-6)
+        relative = ((moved[sharded] - moved["one"]).norm() / moved["one"].norm()).item()
+        print(f"{sharded} x 2 vs 1 process: relative difference of the updates {relative:.2e}")
+        assert relative < 1e-4  # measured ~1e-5 (float summation order); a 2x gradient scale error gives 0.5
 
 
 FAIL_ON_RANK_1 = '''
