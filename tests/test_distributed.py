@@ -84,10 +84,17 @@ def test_rollout_noise_depends_on_the_global_batch_not_on_the_rank() -> None:
 # ------------------------------------------------------------------------------------- real runs
 
 
-def pcpo_train(tmp: Path, *overrides: str, env: dict[str, str] | None = None, wait: bool = True):
-    """`pcpo-train` (the module) with a private MLflow store in `tmp`; returns the finished or running process."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def pcpo_train(tmp: Path, *overrides: str, env: dict[str, str] | None = None, wait: bool = True,
+               launcher: list[str] | None = None):
+    """`pcpo-train` (the module, under `launcher` if given) with a private MLflow store in `tmp`.
+
+    Returns the finished process, or the running one when not `wait`.
+    """
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", **(env or {})}
-    command = [sys.executable, "-m", "pcpo_hydra.train", *TINY, *overrides]
+    command = [*(launcher or [sys.executable]), "-m", "pcpo_hydra.train", *TINY, *overrides]
     if wait:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -118,7 +125,8 @@ def test_zero2_and_zero3_on_two_ranks_match_one_process_with_twice_the_batch(com
     step on the same samples; the order inside an update only changes float summation. Adam's
     eps is set far above the gradients, which makes AdamW a plain gradient step: a wrong gradient
     scale (a sum over ranks instead of a mean, a wrong accumulation count) would then show, where
-    Adam's usual sign-like first steps would hide it. ZeRO-3's final weights are gathered from shards.
+    Adam's usual sign-like first steps would hide it. ZeRO-3's final weights are gathered from shards;
+    its ranks are started by torchrun, whose environment the launch entry uses as it is.
     """
     common = ["epochs=1", "train.inner_epochs=2", "train.num_updates=1", "train.timestep_fraction=1.0",
               "checkpoint_every=0", "optim.lr=1e-2", "optim.eps=1.0", "train.max_grad_norm=1e9"]
@@ -129,7 +137,8 @@ def test_zero2_and_zero3_on_two_ranks_match_one_process_with_twice_the_batch(com
     }
     for name, overrides in runs.items():
         (tmp_path / name).mkdir()
-        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run")
+        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run",
+                            launcher=TORCHRUN if name == "zero3" else None)
         assert result.returncode == 0, result.stderr[-4000:]
 
     initial = initial_weights(compose_cfg)
