@@ -23,7 +23,7 @@ EPOCH_METRICS = {
     "rollout/reward_mean", "rollout/reward_std", "rollout/reward_min", "rollout/reward_max", "rollout/reward_nonfinite",
     "rollout/advantage_mean", "rollout/advantage_std", "rollout/advantage_abs_max",
     "train/loss", "train/policy_loss", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lr",
-    "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s",
+    "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s", "rollout/group_diversity",
 }
 
 

@@ -53,6 +53,19 @@ def reward_stats(prefix: str, rewards: Tensor) -> dict[str, float]:
     }
 
 
+def group_diversity(images: Tensor, group_size: int) -> float:
+    """Mean pairwise RMS pixel distance between the images of one prompt's group (0: all the same).
+
+    A policy collapsing onto one image per prompt drives it to 0, whatever the reward does.
+    """
+    if group_size < 2:
+        return float("nan")
+    x = images.float().flatten(1)
+    x = x.reshape(-1, group_size, x.shape[1])
+    distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[2] ** 0.5
+    return (distances.sum((1, 2)) / (group_size * (group_size - 1))).mean().item()
+
+
 class Trainer:
     """Runs epochs and owns everything a resumed run must restore (epoch, RNG streams).
 
@@ -208,7 +221,9 @@ class Trainer:
             "rollout/advantage_std": adv.std(unbiased=False).item(),
             "rollout/advantage_abs_max": adv.abs().max().item(),
             "train/lr": self.parts.optimizer.param_groups[0]["lr"],
-            **self.mean_over_ranks(train_stats),
+            **self.mean_over_ranks(
+                {**train_stats, "rollout/group_diversity": group_diversity(traj.images, self.cfg.rollout.group_size)}
+            ),
         }
         for name, values in traj.extras["reward_parts"].items():
             metrics.update(reward_stats(f"reward/{name}", self.gather(values.to(adv.device).float())))
