@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Dict, Iterator, Optional
 from omegaconf import MISSING
 
 from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
+from pcpo_hydra.world import grammar as world
 
 # ---------------------------------------------------------------------------------------- model
 
@@ -213,6 +214,15 @@ class RemoteRewardSchema:
     batch_size: int = checked(32, positive())
 
 
+# Shapes world (pcpo_hydra.world, conf/reward/world_*.yaml): every world reward takes only a batch size.
+
+
+@dataclass
+class WorldRewardSchema:
+    _target_: str = MISSING
+    batch_size: int = checked(32, positive())
+
+
 # ------------------------------------------------------------------------------------ algorithm
 
 
@@ -312,6 +322,22 @@ class PromptListSchema:
 class PromptFileSchema:
     _target_: str = "pcpo_hydra.prompts.from_file"
     path: str = MISSING
+
+
+# Shapes world (conf/prompts/world.yaml): the captions of every combination of the words given.
+
+
+def _words_of(vocabulary: tuple[str, ...]) -> Constraint:
+    return Constraint(lambda v: 0 < len(v) and set(v) <= set(vocabulary), "a non-empty list of " + ", ".join(vocabulary))
+
+
+@dataclass
+class WorldPromptsSchema:
+    _target_: str = "pcpo_hydra.world.grammar.world_prompts"
+    colours: list[str] = checked(MISSING, _words_of(tuple(world.COLOURS)))
+    shapes: list[str] = checked(MISSING, _words_of(world.SHAPES))
+    sizes: list[str] = checked(MISSING, _words_of(tuple(world.SIZES)))
+    positions: list[str] = checked(MISSING, _words_of(tuple(world.POSITIONS)))
 
 
 @dataclass
@@ -414,12 +440,14 @@ GROUP_SCHEMAS: dict[str, dict[Optional[str], type]] = {
         ImageRewardSchema._target_: ImageRewardSchema,
         MultiRewardSchema._target_: MultiRewardSchema,
         RemoteRewardSchema._target_: RemoteRewardSchema,
+        **{f"pcpo_hydra.rewards.world.{name}Agreement": WorldRewardSchema
+           for name in ("Colour", "Position", "Size", "Shape")},
     },
     "algorithm": {AlgorithmSchema._target_: AlgorithmSchema},
     "hardware": {None: HardwareSchema},
     "prompts": {
         schema._target_: schema
-        for schema in (SimpleAnimalsSchema, ActivitiesSchema, PromptListSchema, PromptFileSchema)
+        for schema in (SimpleAnimalsSchema, ActivitiesSchema, PromptListSchema, PromptFileSchema, WorldPromptsSchema)
     },
     "logger": {MLflowSchema._target_: MLflowSchema},
 }

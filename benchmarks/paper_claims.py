@@ -1,0 +1,333 @@
+"""Does PCPO reach a reward target in fewer epochs than GRPO? The paper's claims, tested on a CPU.
+
+    python benchmarks/paper_claims.py                    # GRPO vs PCPO, 3 seeds, DDIM and DanceGRPO's SDE
+    python benchmarks/paper_claims.py --ablation         # GRPO, + log-hinge, + matching log-ratio, + proportional credit
+    python benchmarks/paper_claims.py --settings ddim --arms pcpo_variance,pcpo_reweight   # DDIM's credit mode
+    python benchmarks/paper_claims.py --epochs 80 --seeds 5 rollout.prompts_per_epoch=16   # larger
+
+The world is benchmarks/pretrain_world.py's: tiny SD and SD3 base models pretrained on captioned
+coloured shapes, rewarded for agreeing with the caption (reward=world_all); this script pretrains
+them first if their folders are missing. Positional arguments are Hydra overrides applied to every
+run, as `pcpo-train` takes them.
+
+Each (setting, arm, seed) is a real training run, logged to MLflow (experiment
+`pcpo-hydra-paper-claims`, tags setting/arm/seed/benchmark_id). Besides the loop's own metrics
+(reward, clip fraction, within-group diversity), every `--eval-every` epochs the policy samples a
+fixed evaluation set (fixed prompts and noise) whose images give `eval/drift` (RMS pixel distance
+to the base model's images for the same prompt and noise) and `eval/reward`.
+
+Reported (markdown + PNG plots in --out, also logged as artifacts of a summary run):
+- epochs to reach fixed reward targets, as the paper's Table 10: the targets are the rewards
+  50/75/90% of the way from the base model's reward to the best arm's final reward (the mean
+  over seeds of the last epochs), and a run reaches one when its 3-epoch moving average does;
+- clip fraction per epoch, within-group diversity and drift, means over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pcpo_hydra import build
+from pcpo_hydra.config import validate
+from pcpo_hydra.distributed import batch_seed
+from pcpo_hydra.rollout import sample_trajectories
+from pcpo_hydra.tracking import MLflowTracker, flatten_config
+from pcpo_hydra.train import config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "pcpo-hydra-paper-claims"
+WORLD_MODELS = {"ddim": "sd", "dancegrpo": "sd3"}  # pretraining folder each setting's model loads
+SETTINGS = {  # the paper's two sampler families, each on its base model of the world
+    "ddim": ["model=world_sd", "sampler=ddim", "prompts=world", "reward=world_all"],
+    "dancegrpo": ["model=world_sd3", "sampler=dancegrpo_sde", "prompts=world", "reward=world_all"],
+}
+ARMS = {
+    "grpo": ["algorithm=grpo"],
+    "pcpo": ["algorithm=pcpo"],  # proportional credit in the sampler family's default mode
+    # the paper's ablation ladder: each rung adds one of PCPO's parts to GRPO
+    "+log_hinge": ["algorithm=grpo", "algorithm.objective=log_hinge"],
+    "+matching": ["algorithm=grpo", "algorithm.objective=log_hinge", "algorithm.log_ratio=matching"],
+    "+proportional": ["algorithm=pcpo"],
+    # DDIM's open question (DESIGN.md): proportional credit by changing the stds, or by reweighting
+    "pcpo_variance": ["algorithm=pcpo", "algorithm.credit_mode=variance"],
+    "pcpo_reweight": ["algorithm=pcpo", "algorithm.credit_mode=reweight"],
+}
+ABLATION = ("grpo", "+log_hinge", "+matching", "+proportional")
+TARGET_FRACTIONS = (0.5, 0.75, 0.9)
+SMOOTHING = 3        # epochs in the moving average that must reach a target
+FINAL_EPOCHS = 5     # epochs averaged for a run's final reward
+EVAL_SEED = 2024     # the evaluation set's noise: the same for every arm and seed
+
+
+@dataclass
+class RunRecord:
+    """One training run's per-epoch figures."""
+
+    setting: str
+    arm: str
+    seed: int
+    reward: list[float] = field(default_factory=list)
+    clipfrac: list[float] = field(default_factory=list)
+    diversity: list[float] = field(default_factory=list)
+    eval_epochs: list[int] = field(default_factory=list)
+    drift: list[float] = field(default_factory=list)
+    eval_reward: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def eval(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.eval_epochs.append(epoch)
+        self.drift.append(metrics["eval/drift"])
+        self.eval_reward.append(metrics["eval/reward"])
+
+
+class EvalProbe:
+    """A fixed evaluation set (prompts x group, fixed noise) sampled by the policy as it trains."""
+
+    def __init__(self, trainer, prompts: int, group_size: int) -> None:
+        self.trainer = trainer
+        source = trainer.parts.prompts
+        step = max(len(source) // prompts, 1)
+        self.prompts = [source[(k * step) % len(source)] for k in range(prompts) for _ in range(group_size)]
+        self.base = self.sample()
+
+    def sample(self) -> torch.Tensor:
+        trainer = self.trainer
+        size = trainer.cfg.rollout.batch_size
+        device = trainer.accelerator.device
+        generators = [torch.Generator(device).manual_seed(batch_seed(EVAL_SEED, 0, k))
+                      for k in range(0, len(self.prompts), size)]
+        trainer.parts.model.network.eval()
+        return sample_trajectories(trainer.parts.model, trainer.parts.sampler, self.prompts, size, generators).images
+
+    def measure(self, images: torch.Tensor | None = None) -> dict[str, float]:
+        """Drift and reward of the policy's evaluation images (`images`: already sampled ones)."""
+        images = self.sample() if images is None else images
+        drift = ((images.float() - self.base.float()) ** 2).flatten(1).mean(1).sqrt().mean().item()
+        rewards, _ = self.trainer.parts.reward.score_parts(images, self.prompts)
+        return {"eval/drift": drift, "eval/reward": rewards.float().nanmean().item()}
+
+
+def combine(*layers: list[str]) -> list[str]:
+    """Overrides of all layers, a later layer's replacing an earlier one's for the same key (Hydra refuses both)."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for override in layer:
+            merged[override.split("=", 1)[0]] = override
+    return list(merged.values())
+
+
+def run_config(setting: str, arm_overrides: list[str], seed: int, args: argparse.Namespace):
+    run = [f"seed={seed}", f"epochs={args.epochs}", "checkpoint_every=0", "log_images_every=0",
+           f"logger.experiment_name={EXPERIMENT}"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return validate(compose("train", combine(SETTINGS[setting], arm_overrides, run, args.overrides)))
+
+
+def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: argparse.Namespace,
+          benchmark_id: str) -> RunRecord:
+    """One real training run with the loop's own epoch, plus the evaluation probe; logged to MLflow."""
+    cfg = run_config(setting, arm_overrides, seed, args)
+    run_dir = Path(args.out) / "runs" / f"{setting}_{arm}_seed{seed}"
+    trainer = build.build_trainer(cfg, run_dir)
+    tracker = trainer.tracker
+    tracker.start(None, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+                  {"benchmark": "paper_claims", "benchmark_id": benchmark_id, "setting": setting,
+                   "arm": arm, "seed": str(seed), "overrides": " ".join(arm_overrides + args.overrides) or "(none)"})
+    probe = EvalProbe(trainer, args.eval_prompts, cfg.rollout.group_size)
+    record = RunRecord(setting, arm, seed)
+    start = time.perf_counter()
+    status = "FAILED"
+    try:
+        base = probe.measure(probe.base)  # epoch 0: the base model (drift 0)
+        tracker.log_metrics(base, step=0)
+        record.eval(0, base)
+        for epoch in range(1, cfg.epochs + 1):
+            traj, rewards, stats = trainer.run_epoch(epoch)
+            metrics = trainer.epoch_metrics(traj, rewards, stats)
+            if epoch % args.eval_every == 0 or epoch == cfg.epochs:
+                metrics.update(probe.measure())
+                record.eval(epoch, metrics)
+            tracker.log_metrics(metrics, step=epoch)
+            record.reward.append(metrics["rollout/reward_mean"])
+            record.clipfrac.append(metrics["train/clipfrac"])
+            record.diversity.append(metrics["rollout/group_diversity"])
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    record.seconds = time.perf_counter() - start
+    print(f"{setting:9s} {arm:14s} seed {seed}: reward {record.reward[0]:.3f} -> "
+          f"{statistics.fmean(record.reward[-FINAL_EPOCHS:]):.3f} in {record.seconds:.0f} s", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------- analysis
+
+
+def smoothed(values: list[float], window: int = SMOOTHING) -> list[float]:
+    """Trailing moving average (shorter at the start)."""
+    return [statistics.fmean(values[max(0, k - window + 1) : k + 1]) for k in range(len(values))]
+
+
+def epochs_to_reach(rewards: list[float], target: float) -> int | None:
+    """First epoch (1-based) whose moving-average reward is >= target; None if never."""
+    for epoch, value in enumerate(smoothed(rewards), start=1):
+        if value >= target:
+            return epoch
+    return None
+
+
+def targets(records: list[RunRecord]) -> list[float]:
+    """Rewards TARGET_FRACTIONS of the way from the base model's to the best arm's final reward."""
+    start = statistics.fmean(r.reward[0] for r in records)
+    finals: dict[str, list[float]] = {}
+    for r in records:
+        finals.setdefault(r.arm, []).append(statistics.fmean(r.reward[-FINAL_EPOCHS:]))
+    best = max(statistics.fmean(v) for v in finals.values())
+    return [start + q * (best - start) for q in TARGET_FRACTIONS]
+
+
+def mean_curve(records: list[RunRecord], key: str) -> list[float]:
+    curves = [getattr(r, key) for r in records]
+    return [statistics.fmean(values) for values in zip(*curves)]
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
+
+
+def setting_report(setting: str, records: list[RunRecord], arms: list[str]) -> list[str]:
+    """The markdown of one setting: epochs to each target, clip fraction, diversity, drift."""
+    levels = targets(records)
+    seeds = len({r.seed for r in records})
+    lines = [f"### {setting} ({seeds} seeds, {len(records[0].reward)} epochs)", ""]
+    header = "| arm | " + " | ".join(f"epochs to {t:.3f} ({int(q * 100)}%)" for t, q in zip(levels, TARGET_FRACTIONS))
+    lines += [header + " | final reward | clip fraction | diversity, last | drift, last |",
+              "|---" * (len(levels) + 5) + "|"]
+    reached: dict[str, list[list[int]]] = {}
+    for arm in arms:
+        runs = [r for r in records if r.arm == arm]
+        cells = []
+        reached[arm] = []
+        for target in levels:
+            hits = [e for e in (epochs_to_reach(r.reward, target) for r in runs) if e is not None]
+            reached[arm].append(hits)
+            cells.append(f"{_mean_sd(hits)} ({len(hits)}/{len(runs)})")
+        final = [statistics.fmean(r.reward[-FINAL_EPOCHS:]) for r in runs]
+        clip = [statistics.fmean(r.clipfrac) for r in runs]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.fmean(final):.3f} ± "
+                     f"{statistics.stdev(final) if len(final) > 1 else 0.0:.3f} | {statistics.fmean(clip):.3f} | "
+                     f"{statistics.fmean(r.diversity[-1] for r in runs):.3f} | "
+                     f"{statistics.fmean(r.drift[-1] for r in runs):.3f} |")
+    lines.append("")
+    base, best = arms[0], arms[-1]
+    for target, q, base_hits, best_hits in zip(levels, TARGET_FRACTIONS, reached[base], reached[best]):
+        if base_hits and best_hits:
+            saving = 1 - statistics.fmean(best_hits) / statistics.fmean(base_hits)
+            fewer = f"{saving:.0%} fewer" if saving >= 0 else f"{-saving:.0%} more"
+            lines.append(f"- {int(q * 100)}% target ({target:.3f}): {best} needs {fewer} epochs than {base} "
+                         f"(means over the seeds that reached it: {len(best_hits)} and {len(base_hits)})")
+        else:
+            lines.append(f"- {int(q * 100)}% target ({target:.3f}): not reached by every arm; no ratio")
+    lines.append("")
+    return lines
+
+
+def plot(setting: str, records: list[RunRecord], arms: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [("reward", "rollout reward (mean)"), ("clipfrac", "clip fraction"),
+              ("diversity", "within-group diversity (RMS px)"), ("drift", "drift from base samples (RMS px)")]
+    for axis, (key, title) in zip(axes.flat, panels):
+        for arm in arms:
+            runs = [r for r in records if r.arm == arm]
+            x = runs[0].eval_epochs if key == "drift" else range(1, len(runs[0].reward) + 1)
+            curve = mean_curve(runs, key)
+            axis.plot(list(x), smoothed(curve) if key == "reward" else curve, label=arm)
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+    axes.flat[0].legend()
+    figure.suptitle(f"{setting}: means over {len({r.seed for r in records})} seeds (reward: {SMOOTHING}-epoch average)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def ensure_world_models(settings: list[str], overrides: list[str]) -> None:
+    """Pretrain the world's base models the settings load, unless a model override replaces them."""
+    if any(o.startswith(("model=", "model.pretrained=")) for o in overrides):
+        return
+    missing = [WORLD_MODELS[s] for s in settings if not (ROOT / "outputs" / "world_models" / WORLD_MODELS[s]).is_dir()]
+    if missing:
+        print(f"pretraining the world's base models first: {missing}", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pretrain_world.py")], check=True, cwd=ROOT)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs per run")
+    parser.add_argument("--settings", default="ddim,dancegrpo", help=f"comma-separated, of {sorted(SETTINGS)}")
+    parser.add_argument("--arms", default="grpo,pcpo", help=f"comma-separated, of {sorted(ARMS)}; the first is the baseline")
+    parser.add_argument("--ablation", action="store_true", help="arms " + ",".join(ABLATION) + ": PCPO's parts one at a time")
+    parser.add_argument("--eval-every", type=int, default=5, help="epochs between evaluation samples")
+    parser.add_argument("--eval-prompts", type=int, default=4, help="prompts in the evaluation set")
+    parser.add_argument("--out", default="outputs/benchmarks/paper_claims", help="report, plots and run dirs")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, as for pcpo-train")
+    args = parser.parse_args(argv)
+    settings = args.settings.split(",")
+    names = ABLATION if args.ablation else args.arms.split(",")
+    unknown = [n for n in names if n not in ARMS] + [s for s in settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown {unknown}; arms: {sorted(ARMS)}, settings: {sorted(SETTINGS)}")
+    arms = {name: ARMS[name] for name in names}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_world_models(settings, args.overrides)
+    benchmark_id = time.strftime("%Y-%m-%d_%H-%M-%S")
+    records: list[RunRecord] = []
+    for setting in settings:
+        for seed in range(args.seeds):
+            for arm, arm_overrides in arms.items():
+                records.append(train(setting, arm, arm_overrides, seed, args, benchmark_id))
+    lines = [f"## {' vs '.join(arms)} on the shapes world", ""]
+    for setting in settings:
+        mine = [r for r in records if r.setting == setting]
+        lines += setting_report(setting, mine, list(arms))
+        plot(setting, mine, list(arms), out / f"{setting}.png")
+    report = "\n".join(lines)
+    (out / "report.md").write_text(report + "\n")
+    (out / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
+    print("\n" + report)
+    summary = MLflowTracker(None, EXPERIMENT, f"paper_claims summary {benchmark_id}")
+    summary.start(None, {"seeds": str(args.seeds), "epochs": str(args.epochs), "arms": ",".join(arms),
+                         "overrides": " ".join(args.overrides) or "(none)"},
+                  {"benchmark": "paper_claims", "benchmark_id": benchmark_id})
+    for name in ("report.md", "records.json", *(f"{s}.png" for s in settings)):
+        summary.log_artifact(out / name, "report")
+    summary.end("FINISHED")
+    print(f"\nreport, plots and records in {out}; MLflow experiment {EXPERIMENT}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
