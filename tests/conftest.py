@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -22,6 +25,19 @@ def compose_cfg() -> Callable[..., DictConfig]:
             return compose(config_name="train", overrides=list(overrides))
 
     return _compose
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """benchmarks/<name>.py imported as module `name` (scripts are no package), removed again afterwards."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[name]
 
 
 CLIP_SIDE = 24
