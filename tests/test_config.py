@@ -150,6 +150,13 @@ def test_tiny_models_bring_their_recipe_and_real_models_keep_paper_values(compos
     assert validate(compose_cfg("algorithm.clip_range=0.2", "epochs=3")).algorithm.clip_range == 0.2
 
 
+@pytest.mark.parametrize("model", ["world_sd", "world_sd3"])
+def test_the_worlds_pretrained_models_fine_tune_at_their_recipes_gentler_rate(compose_cfg, model):
+    cfg = validate(compose_cfg(f"model={model}", "prompts=world", "reward=world_all"))
+    # the tiny recipe's run size and trust region, a tenth of the random tiny SD's learning rate
+    assert (cfg.algorithm.clip_range, cfg.sampler.num_steps, cfg.optim.lr, cfg.rollout.group_size) == (0.1, 10, 1e-4, 4)
+
+
 @pytest.mark.parametrize(
     ("preset", "expected"),
     [
