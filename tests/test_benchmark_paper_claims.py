@@ -16,20 +16,37 @@ def claims():
     yield from benchmark_module("paper_claims")
 
 
-def test_a_target_is_reached_when_the_moving_average_gets_there(claims) -> None:
-    rewards = [0.0, 0.3, 0.6, 0.9, 0.9, 0.9]
-    assert claims.smoothed(rewards) == pytest.approx([0.0, 0.15, 0.3, 0.6, 0.8, 0.9])
-    assert claims.epochs_to_reach(rewards, 0.6) == 4  # the single epoch 3 at 0.6 is not enough
-    assert claims.epochs_to_reach(rewards, 0.95) is None
+def record(claims, arm: str, evals: list[float], every: int = 2):
+    """A run evaluated at epochs 0 (the base model), every, 2 x every, ..."""
+    epochs = (len(evals) - 1) * every
+    return claims.RunRecord("ddim", arm, 0, reward=[evals[-1]] * epochs, clipfrac=[0.0] * epochs,
+                            diversity=[0.1] * epochs, eval_epochs=[k * every for k in range(len(evals))],
+                            drift=[0.0] * len(evals), eval_reward=evals, caption_agreement=[0.9] * len(evals))
 
 
-def test_targets_lie_between_the_base_reward_and_the_best_arms_final_reward(claims) -> None:
-    def run(arm, rewards):
-        return claims.RunRecord("ddim", arm, 0, reward=rewards)
+def test_a_target_is_reached_when_the_moving_average_of_evaluations_gets_there(claims) -> None:
+    assert claims.smoothed([0.0, 0.3, 0.6, 0.9]) == pytest.approx([0.0, 0.15, 0.45, 0.75])
+    run = record(claims, "pcpo", [0.5, 0.0, 0.6, 0.6, 0.9, 0.9])  # epochs 0, 2, 4, 6, 8, 10
+    # The base model's 0.5 at epoch 0 never counts; trained points average as (0.0, 0.3, 0.6, 0.75, 0.9).
+    assert claims.epochs_to_reach(run, 0.3) == 4
+    assert claims.epochs_to_reach(run, 0.6) == 6   # the single 0.6 at epoch 4 is not enough
+    assert claims.epochs_to_reach(run, 0.95) is None
 
-    slow, fast = run("grpo", [0.0] * 5 + [0.4] * 5), run("pcpo", [0.2] * 5 + [0.8] * 5)
-    # base: mean first epoch 0.1; best final: pcpo's 0.8 -> 0.1 + q * 0.7
+
+def test_targets_lie_between_the_base_reward_and_the_best_arms_final_evaluations(claims) -> None:
+    slow = record(claims, "grpo", [0.1, 0.1, 0.2, 0.4, 0.4, 0.4])
+    fast = record(claims, "pcpo", [0.1, 0.3, 0.8, 0.7, 0.8, 0.9])
+    # base: 0.1 at epoch 0; best final: pcpo's mean of its last 3 evaluations, 0.8 -> 0.1 + q * 0.7
     assert claims.targets([slow, fast]) == pytest.approx([0.45, 0.625, 0.73])
+    # Costs at equal reward: read where each run first reaches the 50% target (fast at epoch 4, slow never).
+    fast.caption_agreement = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    assert claims.at_target("pcpo", [fast], 0.45) == "pcpo caption agreement 0.700, drift 0.000, diversity 0.100 (1/1 runs)"
+    assert claims.at_target("grpo", [slow], 0.45) == "grpo never"
+    # No arm above the base model: no targets (every run would "reach" one below its start).
+    worse = record(claims, "pcpo", [0.5, 0.4, 0.4, 0.4])
+    assert claims.targets([worse]) == []
+    report = "\n".join(claims.setting_report("ddim", [worse], ["pcpo"]))
+    assert "above the base model's (0.500): no targets" in report and "| pcpo | 0.400 ± 0.000 |" in report
 
 
 def test_later_overrides_replace_earlier_ones_of_the_same_key(claims) -> None:
@@ -62,3 +79,13 @@ def test_a_tiny_benchmark_writes_its_table_plots_and_mlflow_runs(claims, tmp_pat
         ("grpo", "0"), ("grpo", "1"), ("pcpo", "0"), ("pcpo", "1")]
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 5  # + the summary run
     assert {m.step for m in client.get_metric_history(trained[0].info.run_id, "eval/drift")} == {0, 2, 3}
+
+    # The same runs asked for again (other arm order) are reused from --out, not trained again.
+    claims.main(["--settings", "ddim", "--seeds", "2", "--epochs", "3", "--eval-every", "2", "--eval-prompts", "2",
+                 "--arms", "pcpo,grpo", "--out", str(out), "model=tiny_sd", "experiment=debug",
+                 "sampler.num_steps=3", "hardware.num_threads=1"])
+    again = json.loads((out / "records.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in again] == [("pcpo", 0), ("grpo", 0), ("pcpo", 1), ("grpo", 1)]
+    assert {(r["arm"], r["seed"]): r["reward"] for r in again} == {(r["arm"], r["seed"]): r["reward"] for r in records}
+    runs = client.search_runs([client.get_experiment_by_name(claims.EXPERIMENT).experiment_id])
+    assert len([r for r in runs if "arm" in r.data.tags]) == 4 and len(runs) == 6  # only a second summary run
