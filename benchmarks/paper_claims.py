@@ -24,7 +24,8 @@ Reported (markdown + PNG plots in --out, also logged as artifacts of a summary r
   (the mean over seeds of its last 3 evaluations), and a run reaches one when the moving average
   of its last 2 evaluations does. (A CPU-sized epoch's rollout reward moves more with which
   prompts were drawn than with the policy; the fixed set moves only with the policy.)
-- clip fraction per epoch, within-group diversity and drift, means over seeds.
+- clip fraction per epoch, within-group diversity, drift and caption agreement, means over
+  seeds, and those costs at equal reward: where each run first reaches the 50% target.
 
 A finished run is recorded under --out/records/ by its resolved config: asking for it again
 (another arm order, --ablation, whose ends are GRPO and PCPO, or a rerun after an interruption)
@@ -159,14 +160,20 @@ def run_config(setting: str, arm_overrides: list[str], seed: int, args: argparse
 
 
 def fingerprint(cfg, args: argparse.Namespace) -> str:
-    """What a run's figures depend on: the resolved training config and the probe's size.
+    """What a run's figures depend on: the resolved training config, the base model's files and the probe's size.
 
     Left out: where it logs, and the CPU thread count (which reorders float sums, nothing more).
+    A base model pretrained again (same folder, new files) is a new fingerprint.
     """
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("logger", None)
     container["hardware"].pop("num_threads", None)
     container["benchmark_probe"] = {"eval_every": args.eval_every, "eval_prompts": args.eval_prompts}
+    pretrained = cfg.model.get("pretrained")
+    folder = Path(pretrained) if pretrained else None  # a hub id is no folder: its revision is in the config
+    if folder is not None and folder.is_dir():
+        container["base_model_files"] = sorted(
+            (str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file())
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -61,7 +61,7 @@ class Family:
     lr: float
     model_option: str      # conf/model/<option>.yaml
     samplers: tuple[str, ...]
-    steps: int             # default optimizer steps (--steps overrides): ~4 minutes on 2 CPU cores
+    steps: int             # default optimizer steps (--steps overrides): ~5.5 minutes each on 2 CPU cores
 
 
 FAMILIES = {

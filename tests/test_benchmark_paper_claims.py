@@ -54,6 +54,26 @@ def test_later_overrides_replace_earlier_ones_of_the_same_key(claims) -> None:
     assert merged == ["model=tiny_sd", "reward=world_all", "algorithm=grpo"]
 
 
+def test_a_runs_fingerprint_follows_its_config_and_base_model_files_but_not_threads(claims, tmp_path: Path) -> None:
+    import argparse
+
+    folder = tmp_path / "sd"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "weights.bin"
+    weights.write_bytes(b"base model")
+
+    def key(arm: str, *overrides: str) -> str:
+        args = argparse.Namespace(epochs=30, eval_every=2, eval_prompts=8,
+                                  overrides=[f"model.pretrained={folder}", *overrides])
+        return claims.fingerprint(claims.run_config("ddim", claims.ARMS[arm], 0, args), args)
+
+    first = key("pcpo")
+    assert key("+proportional") == first != key("grpo")  # the ladder's last rung is PCPO itself
+    assert key("pcpo", "hardware.num_threads=1") == first
+    weights.write_bytes(b"pretrained again")
+    assert key("pcpo") != first
+
+
 @pytest.mark.integration
 def test_a_tiny_benchmark_writes_its_table_plots_and_mlflow_runs(claims, tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("matplotlib")
