@@ -201,9 +201,10 @@ def test_score_is_the_standardised_mlp_on_the_cross_attended_cls(tiny: Tiny) -> 
     for i in (0, 2, 4, 6, 7):  # ImageReward's MLP: five affine maps (its ReLUs are commented out, dropout is off)
         x = x @ tiny.state[f"mlp.layers.{i}.weight"].T + tiny.state[f"mlp.layers.{i}.bias"]
     assert scores.shape == (3,) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, (x.squeeze(-1) - MEAN) / STD, rtol=1e-5, atol=1e-5)
+    # Batches of 2 + 1 against one of 3 sum in another order: 3e-5 on scores ~2 under transformers 5.24.
+    torch.testing.assert_close(scores, (x.squeeze(-1) - MEAN) / STD, rtol=1e-4, atol=1e-4)
     assert torch.equal(reward(batch, prompts), scores)  # deterministic
-    torch.testing.assert_close(tiny.reward(batch_size=3)(batch, prompts), scores, rtol=1e-5, atol=1e-5)  # 2+1 == 3
+    torch.testing.assert_close(tiny.reward(batch_size=3)(batch, prompts), scores, rtol=1e-4, atol=1e-4)  # 2+1 == 3
 
 
 def pair(size: int, i: int) -> torch.Tensor:
