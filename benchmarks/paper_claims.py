@@ -51,7 +51,7 @@ from omegaconf import OmegaConf
 from pcpo_hydra import build
 from pcpo_hydra.config import validate
 from pcpo_hydra.distributed import batch_seed
-from pcpo_hydra.rewards.world import ColourAgreement, PositionAgreement, ShapeAgreement, SizeAgreement
+from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.tracking import MLflowTracker, flatten_config
 from pcpo_hydra.train import config_dir
@@ -85,7 +85,7 @@ SMOOTHING = 2        # evaluation points in the moving average that must reach a
 FINAL_EVALS = 3      # evaluation points averaged for a run's final reward
 FINAL_EPOCHS = 5     # epochs averaged for a run's final rollout reward (printed and tabled beside it)
 EVAL_SEED = 2024     # the evaluation set's noise: the same for every arm and seed
-CAPTION_AGREEMENT = (ColourAgreement(), PositionAgreement(), SizeAgreement(), ShapeAgreement())  # world_all's parts
+CAPTION_AGREEMENT = caption_agreements()  # world_all's parts
 
 
 @dataclass

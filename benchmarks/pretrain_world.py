@@ -34,7 +34,7 @@ from pcpo_hydra.build import build
 from pcpo_hydra.config import validate
 from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
-from pcpo_hydra.rewards.world import ColourAgreement, PositionAgreement, ShapeAgreement, SizeAgreement
+from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
 from pcpo_hydra.train import config_dir
@@ -44,7 +44,7 @@ from pcpo_hydra.world.models import RESOLUTION, build_world_sd, build_world_sd3,
 from pcpo_hydra.world.render import render
 from pcpo_hydra.world.scenes import sample_scenes
 
-REWARDS = (ColourAgreement(), PositionAgreement(), SizeAgreement(), ShapeAgreement())
+REWARDS = caption_agreements()
 SAMPLE_BATCH = 32
 VAE_LR = 3e-3
 EVAL_SEED = 12345  # scenes and sampling noise of the evaluation; pretraining data uses --seed

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.rewards.world import (
-    ColourAgreement, Foreground, PositionAgreement, ShapeAgreement, SizeAgreement, WorldReward,
+    ColourAgreement, Foreground, PositionAgreement, ShapeAgreement, SizeAgreement, WorldReward, caption_agreements,
 )
 from pcpo_hydra.world.grammar import COLOURS, POSITIONS, SHAPES, SIZES, Attributes, all_attributes, parse, world_prompts
 from pcpo_hydra.world.render import render
@@ -199,6 +199,8 @@ def test_world_all_is_the_mean_of_the_four_parts(compose_cfg) -> None:
     total, parts = reward.score_parts(images, [RED_CIRCLE_LEFT.caption] * 2)
     assert set(parts) == {"colour", "position", "size", "shape"}
     assert all(isinstance(r, WorldReward) for r in reward.components.values())
+    # the scripts' stand-alone scoring (caption_agreements) averages exactly world_all's parts
+    assert [type(r) for r in caption_agreements()] == [type(r) for r in reward.components.values()]
     assert torch.allclose(total, torch.stack(list(parts.values())).mean(0))
     assert total[0] > 0.95 > 0.5 > total[1]
 

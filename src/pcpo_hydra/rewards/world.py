@@ -163,3 +163,8 @@ def shape_ious(found: Foreground) -> Tensor:
         union = torch.maximum(template, found.weight).flatten(1).sum(1)
         ious.append(overlap / union.clamp(min=1e-12))
     return torch.stack(ious, dim=1)
+
+
+def caption_agreements() -> tuple[WorldReward, ...]:
+    """The four parts `reward=world_all` averages, for scripts that score world images outside a run."""
+    return ColourAgreement(), PositionAgreement(), SizeAgreement(), ShapeAgreement()
