@@ -70,3 +70,50 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     CLIPImageProcessor(size={"shortest_edge": CLIP_SIDE}, crop_size={"height": CLIP_SIDE, "width": CLIP_SIDE},
                        image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(folder)
     return folder
+
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+
+
+def reference_python(name: str) -> Path:
+    """The interpreter of a venv holding a reward's reference package (tests/reference/<name>.txt).
+
+    The authors' packages pin versions ours cannot share (image-reward wants timm 0.6, open_clip timm 1.x;
+    both want torchvision), so each lives in its own venv, built once per requirements file and reused
+    (under $PCPO_REFERENCE_VENVS, else ~/.cache/pcpo-hydra/reference-venvs). A venv that cannot be
+    built skips the test here and fails it in CI, which must run these comparisons.
+    """
+    import hashlib
+    import os
+    import subprocess
+
+    requirements = REFERENCE / f"{name}.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("PCPO_REFERENCE_VENVS", Path.home() / ".cache" / "pcpo-hydra" / "reference-venvs"))
+    venv = root / f"{name}-{digest}"
+    python = venv / "bin" / "python"
+    if (venv / ".complete").is_file():
+        return python
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+        # torch first, pinned alone: resolving it with the rest could pick a newer (CUDA) build
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True,
+                       capture_output=True, text=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True,
+                       capture_output=True, text=True)
+    except subprocess.CalledProcessError as error:
+        reason = f"reference venv {name!r} could not be built: {(error.stderr or '').strip()[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    (venv / ".complete").touch()
+    return python
+
+
+def run_reference(name: str, script: str, *args: str) -> None:
+    """Run tests/reference/<script> with the reference venv of `name`; its output files are the result."""
+    import subprocess
+
+    result = subprocess.run([str(reference_python(name)), str(REFERENCE / script), *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
