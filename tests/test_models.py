@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.models.loading import ModelLoadError, check_source, hub_unreachable
+from pcpo_hydra.models.loading import ModelLoadError, check_source, hub_unreachable, key_mismatch, load_component
 from pcpo_hydra.models.stable_diffusion import StableDiffusionPolicy, load_stable_diffusion
 from pcpo_hydra.models.tiny import build_tiny_sd, save_tiny_sd, tiny_tokenizer
 
@@ -272,6 +272,83 @@ def test_missing_component_of_local_dir_is_named(remove: str, message: str, tmp_
             path.unlink()
     with pytest.raises(ModelLoadError, match=message):
         load_stable_diffusion(str(tmp_path))
+
+
+def edit_weights(file: Path, edit: str) -> str:
+    """Delete one tensor from a saved safetensors file, or add a stray one; returns the key concerned."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    if edit == "missing":
+        key = sorted(state)[len(state) // 2]  # an inner tensor (e.g. an attention weight), not only the last layer's
+        del state[key]
+    else:
+        key = "stray_block.weight"
+        state[key] = torch.zeros(2)
+    save_file(state, file, metadata={"format": "pt"})
+    return key
+
+
+@pytest.fixture(scope="module")
+def saved_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.mark.parametrize("edit", ["missing", "unexpected"])
+@pytest.mark.parametrize(("component", "file"), [
+    ("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+    ("text_encoder", "model.safetensors"),
+])
+def test_a_pipeline_with_missing_or_unexpected_weights_is_refused(
+    saved_sd: Path, tmp_path: Path, component: str, file: str, edit: str
+) -> None:
+    """diffusers and transformers only warn and initialise missing weights at random: we refuse, naming file and key."""
+    shutil.copytree(saved_sd, tmp_path, dirs_exist_ok=True)
+    key = edit_weights(tmp_path / component / file, edit)
+    with pytest.raises(ModelLoadError) as caught:
+        load_stable_diffusion(str(tmp_path))
+    message = str(caught.value)
+    assert f"the {component} (" in message and repr(str(tmp_path / component / file)) in message
+    assert f"its weights do not fit the model: {edit} {key}" in message
+    assert "Fix: point model.pretrained at a complete checkpoint" in message and "\n" not in message
+
+
+def test_a_weight_of_another_shape_is_refused_naming_both_shapes(saved_sd: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(saved_sd, tmp_path, dirs_exist_ok=True)
+    for component, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        path = tmp_path / component / file
+        original = load_file(path)
+        key = next(key for key in sorted(original) if key.endswith("norm.bias") or key.endswith("norm1.bias"))
+        size = original[key].shape[0]
+        save_file(original | {key: torch.zeros(size + 1)}, path, metadata={"format": "pt"})
+        with pytest.raises(ModelLoadError) as caught:
+            load_stable_diffusion(str(tmp_path))
+        assert f"the {component} (" in str(caught.value)
+        assert f"shapes differ for {key} ({size + 1},) in the file vs ({size},) in the model" in str(caught.value)
+        save_file(original, path, metadata={"format": "pt"})
+
+
+def test_a_clip_checkpoint_lacking_attention_weights_is_refused(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """The issue's case: a CLIP folder without some attention weights used to load with them random."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPModel
+
+    shutil.copytree(tiny_clip_dir, tmp_path, dirs_exist_ok=True)
+    state = load_file(tmp_path / "model.safetensors")
+    gone = sorted(key for key in state if ".self_attn.k_proj." in key)
+    save_file({key: value for key, value in state.items() if key not in gone}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as caught:
+        load_component(CLIPModel, str(tmp_path), "")
+    message = str(caught.value)
+    assert repr(str(tmp_path / "model.safetensors")) in message and f"missing {gone[0]}, {gone[1]}" in message
+
+
+def test_declared_optional_keys_pass_and_all_others_count() -> None:
+    assert key_mismatch([], ["text_model.embeddings.position_ids"]) is None  # a rebuilt buffer, declared optional
+    assert key_mismatch(["a.weight"], ["b", "c", "d", "e", "f"]) == "missing a.weight; unexpected b, c, d, e and 1 more"
 
 
 def test_package_import_stays_light() -> None:

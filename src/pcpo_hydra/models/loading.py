@@ -7,6 +7,8 @@ no files. Users need the model id, the component and the override that fixes it.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +47,13 @@ SD_PIPELINE = WeightsFor(
 
 
 def load_error(
-    pretrained: str, component: str | None, revision: str | None, reason: str, owner: WeightsFor = SD_PIPELINE
+    pretrained: str, component: str | None, revision: str | None, reason: str, owner: WeightsFor = SD_PIPELINE,
+    fix: str | None = None,
 ) -> ModelLoadError:
-    """The error users see: what failed, why in one line, and the override that fixes it."""
+    """The error users see: what failed, why in one line, and the override that fixes it.
+
+    `fix` replaces the default advice (point the key at a local copy), for files that exist but are wrong.
+    """
     from huggingface_hub import is_offline_mode
 
     what = f"the {component} of {owner.kind}" if component else owner.kind
@@ -56,6 +62,8 @@ def load_error(
     offline = ""
     if hub and is_offline_mode():
         offline = "HF_HUB_OFFLINE is set and the files are not in the local cache. "
+    if fix is not None:
+        return ModelLoadError(f"Cannot load {what} {source}. Reason: {reason.rstrip('.')}. Fix: {fix.rstrip('.')}.")
     fix = f"Fix: set {owner.key}=<local path> ({owner.layout})"
     if hub:
         fix += (
@@ -119,22 +127,99 @@ def check_source(pretrained: str, revision: str | None = None, owner: WeightsFor
             raise load_error(pretrained, None, revision, reason, owner)
 
 
+# Keys a checkpoint may lack or carry beyond the model, each with why that loses nothing. The
+# libraries already pass over non-persistent buffers and tied copies; these are the rest.
+OPTIONAL_KEYS: dict[str, str] = {
+    r"(^|\.)position_ids$": "a buffer of arange(max positions) that the model rebuilds; older transformers saved it",
+}
+KEYS_SHOWN = 4  # keys quoted per kind of mismatch: enough to recognise the pattern, one line still
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:KEYS_SHOWN])
+    return shown + (f" and {len(keys) - KEYS_SHOWN} more" if len(keys) > KEYS_SHOWN else "")
+
+
+def key_mismatch(missing: Iterable[str], unexpected: Iterable[str], mismatched: Iterable[str] = ()) -> str | None:
+    """Why a state dict does not fill a model exactly (None when it does), keys in OPTIONAL_KEYS left out.
+
+    `mismatched` holds already-worded entries ("key (file shape) vs (model shape)").
+    """
+
+    def required(keys: Iterable[str]) -> list[str]:
+        return sorted(key for key in keys if not any(re.search(pattern, key) for pattern in OPTIONAL_KEYS))
+
+    problems = [f"{label} {_listed(keys)}" for label, keys in (
+        ("missing", required(missing)), ("unexpected", required(unexpected)), ("shapes differ for", sorted(mismatched)),
+    ) if keys]
+    return "; ".join(problems) or None
+
+
+def _weight_files(folder: Path) -> str:
+    """The weight file of a loaded component, for the error; the folder when it has shards or none."""
+    files = sorted(path for path in folder.glob("*") if path.suffix in (".safetensors", ".bin"))
+    return str(files[0]) if len(files) == 1 else str(folder)
+
+
+def _loading_info_error(info: Mapping[str, Any]) -> str | None:
+    """transformers' and diffusers' output_loading_info, as key_mismatch words it."""
+    mismatched = [f"{key} {tuple(file_shape)} in the file vs {tuple(model_shape)} in the model"
+                  for key, file_shape, model_shape in info.get("mismatched_keys") or ()]
+    return key_mismatch(info.get("missing_keys") or (), info.get("unexpected_keys") or (), mismatched)
+
+
+# diffusers raises (not reports) a shape mismatch, advising a random-initialising reload; its key and shapes are kept.
+DIFFUSERS_SHAPE = re.compile(r"because (\S+) expected shape (.+?), but got (.+?)\. ")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """`torch.Size([33, 32])` as (33, 32), as the other mismatch entries print shapes."""
+    return tuple(int(size) for size in re.findall(r"\d+", text))
+
+
 def load_component(
     loader: Any, pretrained: str, subfolder: str, revision: str | None = None, owner: WeightsFor = SD_PIPELINE
 ) -> Any:
     """`loader.from_pretrained(pretrained, subfolder=...)`, re-raised as ModelLoadError on failure.
 
-    subfolder "" loads from the folder itself (a single-model checkpoint such as CLIP's).
+    subfolder "" loads from the folder itself (a single-model checkpoint such as CLIP's). A model
+    (an nn.Module class) must find exactly its weights in the files: transformers and diffusers
+    only warn on missing keys and initialise them at random, so their loading info is checked here.
     """
+    import torch
+
     local = Path(pretrained).expanduser()
     if local.is_dir() and not (local / subfolder).is_dir():
         raise load_error(pretrained, subfolder, revision, f"the local folder has no {subfolder}/ subfolder", owner)
     source = str(local) if local.is_dir() else pretrained
+    weights = isinstance(loader, type) and issubclass(loader, torch.nn.Module)
+    options: dict[str, Any] = {"output_loading_info": True} if weights else {}
+    if weights and loader.__module__.startswith("transformers."):
+        # Report shape mismatches in the loading info (checked below) instead of raising a bare RuntimeError.
+        options["ignore_mismatched_sizes"] = True
+
+    def misfit(reason: str) -> ModelLoadError:
+        file = _weight_files(local / subfolder) if local.is_dir() else "/".join(filter(None, (pretrained, subfolder)))
+        return load_error(
+            file, f"{subfolder or 'weights'} ({loader.__name__})", revision, f"its weights do not fit the model: {reason}",
+            owner, fix=f"point {owner.key} at a complete checkpoint of this architecture (download it again, or re-save it)",
+        )
+
     try:
-        loaded = loader.from_pretrained(source, subfolder=subfolder, revision=revision)
+        loaded = loader.from_pretrained(source, subfolder=subfolder, revision=revision, **options)
     except (OSError, ValueError) as error:
+        shape = DIFFUSERS_SHAPE.search(str(error))
+        if shape:
+            key, model_shape, file_shape = shape.groups()
+            raise misfit(key_mismatch((), (), [f"{key} {_shape(file_shape)} in the file vs {_shape(model_shape)} "
+                                                   "in the model"])) from None
         # The reason line carries the library's message; its deep traceback helps no one.
         raise load_error(pretrained, subfolder or None, revision, _first_line(error), owner) from None
+    if weights:
+        loaded, info = loaded
+        reason = _loading_info_error(info)
+        if reason:
+            raise misfit(reason)
     # transformers 5 returns an empty tokenizer, not an error, when it finds no vocabulary files.
     specials = getattr(loaded, "all_special_tokens", None)
     if specials is not None and len(loaded) <= len(specials):
