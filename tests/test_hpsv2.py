@@ -21,7 +21,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.models.loading import ModelLoadError
-from pcpo_hydra.rewards.hpsv2 import HPSv2Score
+from pcpo_hydra.rewards.hpsv2 import HPSv2Score, clean_prompt
 
 from conftest import CLIP_MEAN as MEAN, CLIP_SIDE as SIDE, CLIP_STD as STD
 from test_clip_score import colour_clip, colour_pairs
@@ -130,16 +130,17 @@ def images(count: int = 3, height: int = 32, width: int = 40) -> Tensor:
 
 
 def hand_padded(image: Tensor) -> Tensor:
-    """HPSv2's val transform by hand: longer side to 24 (bicubic, 8-bit), centred on black, CLIP-normalised."""
-    pixels = Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    """HPSv2's val transform by hand: 8-bit pixels as floats, longer side to 24 (bicubic, antialiased), centred on black."""
+    pixels = (image * 255).round().div(255)[None]
     height, width = image.shape[1:]
     scale = SIDE / max(height, width)
     new_height, new_width = round(height * scale), round(width * scale)
-    canvas = Image.new("RGB", (SIDE, SIDE))  # black
-    resized = pixels if scale == 1 else pixels.resize((new_width, new_height), Image.BICUBIC)
-    canvas.paste(resized, ((SIDE - new_width) // 2, (SIDE - new_height) // 2))
-    normalised = (np.asarray(canvas, dtype=np.float32) / 255 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(normalised).permute(2, 0, 1)
+    if scale != 1:
+        pixels = F.interpolate(pixels, size=(new_height, new_width), mode="bicubic", antialias=True)
+    canvas = torch.zeros(3, SIDE, SIDE)  # black
+    top, left = (SIDE - new_height) // 2, (SIDE - new_width) // 2
+    canvas[:, top:top + new_height, left:left + new_width] = pixels[0]
+    return (canvas - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +189,30 @@ def test_preprocessing_fits_the_longer_side_and_pads_with_black(reward: HPSv2Sco
         black = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1)
         rows = reward.clip.preprocess(batch)[0].sub(black).abs().amax(dim=(0, 2)) < 1e-5
         assert rows.tolist() == [True] * 2 + [False] * 19 + [True] * 3
+
+
+def test_noisy_images_are_resized_as_float_tensors_not_as_8_bit_pil_images(reward: HPSv2Score) -> None:
+    """PIL's bicubic on the 8-bit image clips its overshoot to 0..255; HPSv2 resizes the float tensor, unclipped."""
+    noisy = images(1, 16, 12).round()  # black and white pixels: bicubic overshoots most on them
+    ours = reward.clip.preprocess(noisy)[0]
+    pil = Image.fromarray((noisy[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()).resize((18, 24), Image.BICUBIC)
+    pil_pixels = (torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)
+                  - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    assert (ours[:, :, 3:21] - pil_pixels).abs().max() > 0.3  # in normalised units
+    torch.testing.assert_close(ours, hand_padded(noisy[0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("prompt", "cleaned"), [
+    ("salt &amp; pepper", "salt & pepper"),
+    ("&amp;lt;tag&amp;gt;", "<tag>"),  # unescaped twice, as HPSv2 does
+    ("a caf\u00c3\u00a9 in Paris", "a caf\u00e9 in Paris"),  # UTF-8 read as Latin-1, repaired by ftfy
+    ("  no-break&nbsp;\u2003spaces \n\tand a tab ", "no-break spaces and a tab"),  # entities first, then whitespace
+])
+def test_prompts_are_cleaned_as_hpsv2s_tokenizer_cleans_them(reward: HPSv2Score, prompt: str, cleaned: str) -> None:
+    assert clean_prompt(prompt) == cleaned
+    tokenizer = reward.clip.tokenizer
+    assert tokenizer(prompt).input_ids != tokenizer(cleaned).input_ids  # the tokenizer alone would not clean it
+    assert torch.equal(reward.clip.embed_prompts([prompt]), reward.clip.embed_prompts([cleaned]))
 
 
 def test_a_matching_prompt_scores_above_a_mismatched_one(tiny_clip_dir: Path, tmp_path: Path) -> None:

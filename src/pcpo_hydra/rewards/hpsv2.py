@@ -4,25 +4,27 @@ The score is HPSv2's own: the cosine of the normalised image and text embeddings
 unlike PickScore). HPSv2 ships an open_clip state dict; open_clip needs torchvision, whose PyPI
 build does not load with CPU torch, and OpenCLIP's ViT-H-14 is the same network (pre-norm blocks,
 GELU) as transformers' CLIPModel of laion/CLIP-ViT-H-14-laion2B-s32B-b79K. So that repository gives
-the architecture, tokenizer (the same BPE; open_clip's extra ftfy clean-up only touches unusual
-unicode) and normalisation, and the checkpoint's keys are renamed into it. Images go through
-HPSv2's validation transform: the longer side resized to 224 (bicubic), the shorter one padded
+the architecture, tokenizer (the same BPE, after HPSv2's own prompt clean-up) and normalisation,
+and the checkpoint's keys are renamed into it. Images go through HPSv2's validation transform: the
+longer side resized to 224 (bicubic with antialiasing, on float pixels), the shorter one padded
 with black to a centred square, then CLIP's normalisation.
 """
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
+import ftfy
+import regex
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from torch import Tensor
 
-from pcpo_hydra.image_grid import to_pil
+from pcpo_hydra.image_grid import to_uint8
 from pcpo_hydra.models.loading import (
     WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
 )
@@ -127,26 +129,49 @@ def load_open_clip(config: CLIPConfig, path: Path, owner: WeightsFor) -> CLIPMod
     return model
 
 
+def fit_longer_side(images: Tensor, side: int) -> Tensor:
+    """HPSv2's validation transform before normalisation: [B, 3, side, side] floats, the image centred on black.
+
+    HPSv2 (its open_clip copy's image_transform with resize_longest_max, i.e. ResizeMaxSize) turns
+    the 8-bit image into a float tensor first, then resizes that tensor with torchvision, which
+    HPSv2 does not pin: current torchvision resizes tensors with antialiasing on by default, and
+    that is what `F.interpolate(..., antialias=True)` below is (torchvision calls it, without
+    clamping floats). Written in torch so the pixels are the same with or without torchvision.
+    ResizeMaxSize leaves an image whose longer side is already `side` alone, unpadded, which only
+    works when it is square; it is padded here either way.
+    """
+    pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float().div(255)  # ToTensor of the 8-bit image
+    height, width = pixels.shape[-2:]
+    scale = side / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)  # Python's round, as ResizeMaxSize's
+    if (new_height, new_width) != (height, width):
+        pixels = F.interpolate(pixels, size=(new_height, new_width), mode="bicubic", align_corners=False,
+                               antialias=True)
+    top, left = (side - new_height) // 2, (side - new_width) // 2  # the smaller half of the padding first
+    return F.pad(pixels, (left, side - new_width - left, top, side - new_height - top))
+
+
+def clean_prompt(prompt: str) -> str:
+    """HPSv2's tokenizer clean-up: ftfy's repairs (mojibake, odd unicode), HTML unescaped twice, whitespace collapsed.
+
+    transformers' CLIP tokenizer only collapses whitespace and lowercases, so `&amp;` or `cafÃ©`
+    would reach the BPE as they are. `regex` (a transformers dependency) as open_clip uses it: its \\s is Unicode's White_Space, not str.isspace.
+    """
+    return regex.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()).strip()
+
+
 class PaddedClipEmbedder(ClipEmbedder):
-    """A CLIP whose images are fitted into the square input, as open_clip's `resize_longest_max` does."""
+    """A CLIP whose images are fitted into the square input and whose prompts are cleaned, as HPSv2 does."""
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """Longer side to the model's input size (bicubic, on 8-bit pixels), centred on black, normalised."""
-        side = self.model.config.vision_config.image_size
-        canvas = torch.zeros(images.shape[0], 3, side, side)
-        for canvas_image, image in zip(canvas, to_pil(images)):
-            width, height = image.size
-            scale = side / max(width, height)
-            new_width, new_height = round(width * scale), round(height * scale)
-            if (new_width, new_height) != image.size:
-                image = image.resize((new_width, new_height), Image.BICUBIC)
-            # Padded even without a resize: open_clip skips both then, which only works for square images.
-            top, left = (side - new_height) // 2, (side - new_width) // 2
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-            canvas_image[:, top : top + new_height, left : left + new_width] = pixels
+        """Longer side to the model's input size (bicubic with antialiasing, on floats), centred on black, normalised."""
+        canvas = fit_longer_side(images, self.model.config.vision_config.image_size)
         mean = torch.tensor(self.processor.image_mean).view(3, 1, 1)
         std = torch.tensor(self.processor.image_std).view(3, 1, 1)
         return (canvas - mean) / std
+
+    def embed_prompts(self, prompts: list[str]) -> Tensor:
+        return super().embed_prompts([clean_prompt(prompt) for prompt in prompts])
 
 
 class HPSv2Score(BaseReward):
