@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch import Tensor
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -99,7 +100,8 @@ def reference_python(name: str) -> Path:
         # torch first, pinned alone: resolving it with the rest could pick a newer (CUDA) build
         subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True,
                        capture_output=True, text=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True,
+        # --no-deps: the file is the whole environment; the packages' own requirements name their training stacks
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-r", str(requirements)], check=True,
                        capture_output=True, text=True)
     except subprocess.CalledProcessError as error:
         reason = f"reference venv {name!r} could not be built: {(error.stderr or '').strip()[-500:]}"
@@ -117,3 +119,37 @@ def run_reference(name: str, script: str, *args: str) -> None:
     result = subprocess.run([str(reference_python(name)), str(REFERENCE / script), *args],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
+
+
+def reference_inputs(folder: Path) -> tuple[list[Tensor], list[str]]:
+    """Images and prompts that exercise a reward's preprocessing and tokenizer, written for a reference script.
+
+    Noisy and smooth images of odd sizes (so resizing, padding and cropping all run), and prompts
+    with HTML entities, mojibake, odd whitespace and more than 77 tokens. Saved as folder/images.npz
+    (uint8 HWC arrays, in order) and folder/prompts.json; returned as [1, 3, H, W] floats and strings.
+    """
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:64, 0:33]
+    disc = ((rows - 40) ** 2 + (cols - 15) ** 2 < 150)[..., None] * np.array([200, 40, 30]) + 30
+    images = [
+        rng.integers(0, 256, (37, 23, 3)),  # noise
+        rng.integers(0, 2, (20, 45, 3)) * 255,  # black and white noise: bicubic overshoots most on it
+        np.broadcast_to(np.linspace(0, 255, 50)[None, :, None], (50, 50, 3)),  # a smooth gradient
+        rng.integers(0, 256, (32, 32, 3)),  # square noise
+        np.clip(disc + rng.normal(0, 8, (64, 33, 3)), 0, 255),  # an ordinary picture: a red disc, a little noise
+    ]
+    images = [np.ascontiguousarray(image).round().astype(np.uint8) for image in images]
+    prompts = [
+        "a red fox &amp; a blue car",
+        "caf\u00c3\u00a9 terrace at night, &lt;b&gt;bold&lt;/b&gt;",  # mojibake of "cafe", escaped HTML
+        "a  photo\tof \u2003 a cat&nbsp;on a mat",
+        " ".join(["a very long prompt about a lighthouse on a cliff"] * 12),  # past 77 tokens
+        "Plain prompt",
+    ]
+    np.savez(folder / "images.npz", **{f"image{i}": image for i, image in enumerate(images)})
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    return [torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 for image in images], prompts

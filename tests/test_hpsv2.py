@@ -276,3 +276,43 @@ def test_config_option_composes_and_rejects_a_bad_batch_size(compose_cfg) -> Non
     assert cfg.reward.pretrained == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" and cfg.reward.device == "cpu"
     with pytest.raises(ConfigError, match="reward.batch_size=0"):
         validate(compose_cfg("reward=hpsv2", "reward.batch_size=0"))
+
+
+def transformers_config(open_clip_config: dict) -> CLIPConfig:
+    """transformers' CLIPConfig of the network an open_clip model config describes (GELU, as ViT-H-14)."""
+    vision, text = open_clip_config["vision_cfg"], open_clip_config["text_cfg"]
+    return CLIPConfig(
+        text_config={"vocab_size": text["vocab_size"], "hidden_size": text["width"],
+                     "intermediate_size": 4 * text["width"], "num_hidden_layers": text["layers"],
+                     "num_attention_heads": text["heads"], "max_position_embeddings": text["context_length"],
+                     "hidden_act": "gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
+        vision_config={"image_size": vision["image_size"], "patch_size": vision["patch_size"],
+                       "hidden_size": vision["width"], "intermediate_size": 4 * vision["width"],
+                       "num_hidden_layers": vision["layers"],
+                       "num_attention_heads": vision["width"] // vision["head_width"], "hidden_act": "gelu"},
+        projection_dim=open_clip_config["embed_dim"],
+    )
+
+
+@pytest.mark.integration
+def test_scores_equal_hpsv2s_own_code_on_its_checkpoint_format(tmp_path: Path) -> None:
+    """hpsv2 1.2.0's score() (its open_clip, transform and tokenizer) against ours, on the same tiny checkpoint."""
+    import json
+
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    from conftest import reference_inputs, run_reference
+
+    batch, prompts = reference_inputs(tmp_path)
+    run_reference("hpsv2", "hpsv2_score.py", str(tmp_path))
+    theirs = torch.tensor(json.loads((tmp_path / "scores.json").read_text()))
+    architecture = tmp_path / "architecture"
+    transformers_config(json.loads((tmp_path / "model_config.json").read_text())).save_pretrained(architecture)
+    ends = {"bos_token": "<start_of_text>", "eos_token": "<end_of_text>"}  # open_clip's names for OpenAI's tokens
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77, **ends,
+                  unk_token=ends["eos_token"], pad_token=ends["eos_token"]).save_pretrained(architecture)
+    CLIPImageProcessor(image_mean=MEAN, image_std=STD).save_pretrained(architecture)
+    reward = HPSv2Score(pretrained=str(architecture), checkpoint=str(tmp_path / "HPS_tiny.pt"))
+    ours = torch.cat([reward(image, [prompt]) for image, prompt in zip(batch, prompts)])
+    assert theirs.abs().min() > 0.01  # cosines well away from 0, so the relative tolerance means something
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
