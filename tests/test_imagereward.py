@@ -312,3 +312,18 @@ def test_config_option_composes_and_rejects_bad_values(compose_cfg) -> None:
         validate(compose_cfg("reward=imagereward", "reward.dtype=float64"))
     with pytest.raises(ConfigError, match="reward.batch_size=0"):
         validate(compose_cfg("reward=imagereward", "reward.batch_size=0"))
+
+
+@pytest.mark.integration
+def test_scores_equal_image_rewards_own_code_on_its_checkpoint_format(tmp_path: Path) -> None:
+    """image-reward 1.5's ImageReward.score (its BLIP, transform and tokenizer) against ours, on the same file."""
+    from conftest import reference_inputs, run_reference
+
+    batch, prompts = reference_inputs(tmp_path)
+    run_reference("imagereward", "imagereward_score.py", str(tmp_path))
+    theirs = torch.tensor(json.loads((tmp_path / "scores.json").read_text()))
+    reward = ImageReward(checkpoint=str(tmp_path / "ImageReward.pt"), med_config=str(tmp_path / "med_config.json"),
+                         tokenizer=str(tmp_path / "bert-base-uncased"))
+    ours = torch.cat([reward(image, [prompt]) for image, prompt in zip(batch, prompts)])
+    assert theirs.abs().min() > 0.01  # scores away from 0, so the relative tolerance means something
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
