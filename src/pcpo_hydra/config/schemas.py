@@ -50,7 +50,7 @@ class PretrainedPolicySchema(PretrainedSchema, PolicySchema):
 
 @dataclass
 class TinyPolicySchema(PolicySchema):
-    seed: int = 0
+    seed: int = 0  # torch.manual_seed takes any int (the run's seed, bounded below, is what numpy sees)
     resolution: int = checked(32, positive())
 
 
@@ -381,7 +381,7 @@ class OptimSchema:
 class RunSchema:
     """Top-level keys; the groups are checked by their own schemas (GROUP_SCHEMAS)."""
 
-    seed: int = 0
+    seed: int = checked(0, interval(0, 2**32 - 1))  # numpy's seeding takes no negative, nothing from 2**32
     epochs: int = checked(20, positive())
     resume: Optional[str] = None
     run_name: Optional[str] = None
