@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Dict, Iterator, Optional
 from omegaconf import MISSING
 
 from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
+from pcpo_hydra.prompts import prompt_file_problem
 from pcpo_hydra.world import grammar as world
 
 # ---------------------------------------------------------------------------------------- model
@@ -322,6 +323,12 @@ class PromptListSchema:
 class PromptFileSchema:
     _target_: str = "pcpo_hydra.prompts.from_file"
     path: str = MISSING
+
+    def relations(self, prefix: str) -> Iterator[str]:
+        """The file must give prompts: found now, not after the model is built."""
+        problem = prompt_file_problem(self.path)
+        if problem:
+            yield f"{prefix}.path={self.path!r}: {problem}"
 
 
 # Shapes world (conf/prompts/world.yaml): the captions of every combination of the words given.
