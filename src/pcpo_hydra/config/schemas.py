@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Dict, Iterator, Optional
 from omegaconf import MISSING
 
 from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
+from pcpo_hydra.config.needs import Executable, PythonModule, RewardServer
 from pcpo_hydra.prompts import prompt_file_problem
 from pcpo_hydra.world import grammar as world
 
@@ -176,6 +177,11 @@ class ImageRewardSchema(RewardModelSchema):
 
 @dataclass
 class OcrSchema:
+    NEEDS: ClassVar[tuple] = (  # what the machine must have (checked before anything heavy, see config.needs)
+        PythonModule("pytesseract", "pip install 'pcpo-hydra[ocr]'"),
+        Executable("tesseract_cmd", "tesseract", "apt-get install tesseract-ocr tesseract-ocr-eng "
+                   "(conda: conda install -c conda-forge tesseract; macOS: brew install tesseract)"),
+    )
     _target_: str = "pcpo_hydra.rewards.ocr.OcrReward"
     batch_size: int = checked(32, positive())
     lang: str = "eng"
@@ -206,6 +212,7 @@ class MultiRewardSchema:
 class RemoteRewardSchema:
     """A reward served by pcpo-reward-server (conf/reward_server.yaml)."""
 
+    NEEDS: ClassVar[tuple] = (RewardServer("url", "health_wait_s"),)
     _target_: str = "pcpo_hydra.rewards.remote.RemoteReward"
     url: str = checked("http://127.0.0.1:8765", Constraint(
         lambda v: v.startswith(("http://", "https://")), "an http:// or https:// URL"))
@@ -213,6 +220,7 @@ class RemoteRewardSchema:
     retries: int = checked(8, at_least(0))
     backoff_s: float = checked(1.0, at_least(0.0))
     batch_size: int = checked(32, positive())
+    health_wait_s: Optional[float] = checked(5.0, at_least(0.0))  # null: the server is not asked before use
 
 
 # Shapes world (pcpo_hydra.world, conf/reward/world_*.yaml): every world reward takes only a batch size.
