@@ -11,9 +11,12 @@ from functools import partial
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.config.command_line import command_line_problems
+from pcpo_hydra.preflight import preflight
 
 
 def config_dir() -> str:
@@ -33,16 +36,28 @@ def _if_set(value: object, then: str, otherwise: str) -> str:
 OmegaConf.register_new_resolver("pcpo.if_set", _if_set, replace=True)
 
 
+def main() -> None:
+    """The `pcpo-train` command: its command line checked first (Hydra's errors there say no fix), then Hydra."""
+    problems = command_line_problems(sys.argv[1:], config_dir(), "train")
+    if problems:
+        config_error(ConfigError(problems))
+    train()
+
+
+def config_error(error: ConfigError) -> None:
+    """Report a config the machine cannot run, with exit status 2."""
+    print(f"pcpo-train: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float:
     """Train one run; returns the final mean reward (what a Hydra sweeper optimises)."""
     try:
         cfg = validate(cfg)
+        preflight(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as exc:
-        print(f"pcpo-train: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    from hydra.core.hydra_config import HydraConfig
-
+        config_error(exc)
     from pcpo_hydra.build import run
     from pcpo_hydra.distributed import LaunchError, launch
     from pcpo_hydra.models.loading import ModelLoadError
