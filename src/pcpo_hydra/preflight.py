@@ -79,7 +79,9 @@ def device_problems(hardware: DictConfig) -> list[str]:
         build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
         return [f"hardware.device='cuda': {build} sees no CUDA device (CUDA_VISIBLE_DEVICES="
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); {fix}, or install a CUDA build of torch"]
-    spawned = hardware.processes_per_node if "WORLD_SIZE" not in os.environ else 1  # a launcher gives each rank its GPU
+    # Under torchrun or a submitit job (SUBMITIT_EXECUTOR) this process is one rank, given its GPU by the launcher.
+    launched = "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR")
+    spawned = 1 if launched else hardware.processes_per_node
     if spawned > visible:
         return [f"hardware.processes_per_node={hardware.processes_per_node}: one rank per GPU, but {visible} "
                 f"CUDA device(s) are visible; set hardware.processes_per_node={visible} (or hardware=gpu1)"]
