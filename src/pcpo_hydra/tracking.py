@@ -7,6 +7,7 @@ a sweep's jobs) never log into each other.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.mlflow_store import allow_file_store, check_server, resolve_tracking_uri, sqlite_path
+from pcpo_hydra.writes import written
 
 ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite file: where its new experiments keep artifacts
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -139,14 +141,27 @@ def open_client(tracking_uri: str) -> MlflowClient:
 
 
 class _LockRetryingClient:
-    """An MlflowClient whose every method retries on a locked sqlite store."""
+    """An MlflowClient whose every method retries on a locked sqlite store, and names the store
+    (`database`) when a write fails for want of disk."""
 
-    def __init__(self, client: MlflowClient) -> None:
+    def __init__(self, client: MlflowClient, database: Path | None) -> None:
         self._client = client
+        self._database = database
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
-        return retry_if_locked(attribute) if callable(attribute) else attribute
+        if not callable(attribute):
+            return attribute
+        call = retry_if_locked(attribute)
+        if self._database is None:
+            return call
+
+        @functools.wraps(call)
+        def reporting(*args: Any, **kwargs: Any) -> Any:
+            with written(self._database, remove=False):
+                return call(*args, **kwargs)
+
+        return reporting
 
 
 class MLflowTracker:
@@ -165,7 +180,9 @@ class MLflowTracker:
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         self._artifact_location = (database.parent / ARTIFACTS_DIR).as_uri() if database else None
-        self._client: Any = _LockRetryingClient(open_client(self.tracking_uri))
+        with written(database, remove=False) if database else contextlib.nullcontext():
+            client = open_client(self.tracking_uri)
+        self._client: Any = _LockRetryingClient(client, database)
         self._run_id: str | None = None
         self._ended = False
 

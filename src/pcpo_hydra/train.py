@@ -14,9 +14,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from pcpo_hydra.checkpoint import latest_checkpoint
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.config.command_line import command_line_problems
 from pcpo_hydra.preflight import preflight
+from pcpo_hydra.writes import WriteFailed
 
 
 def config_dir() -> str:
@@ -71,6 +73,18 @@ def train(cfg: DictConfig) -> float:
     except (ModelLoadError, LaunchError) as exc:  # its message says what to do; a traceback would bury it
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except WriteFailed as exc:
+        print(f"pcpo-train: {exc}; {after_write_failure(Path(hydra_cfg.runtime.output_dir))}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def after_write_failure(run_dir: Path) -> str:
+    """What to do once the disk has room again: continue from the last complete checkpoint, if one was written."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return "free space (or raise ulimit -f), then start the run again"
+    return (f"free space (or raise ulimit -f), then `pcpo-train resume={run_dir}` continues from "
+            f"{checkpoint.name}, the last complete checkpoint")
 
 
 def job_tags(hydra_cfg: DictConfig) -> dict[str, str]:

@@ -28,10 +28,11 @@ def server_problem(url: str, wait_s: float) -> str | None:
         except urllib.error.HTTPError as error:  # something answers, but not our server
             return f"GET {health} answered {error.code} {error.reason}: not a pcpo-reward-server"
         except OSError as error:
-            if time.monotonic() + RETRY_EVERY_S >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 reason = getattr(error, "reason", error)
                 return f"no reward server answers GET {health} within {wait_s:g} s ({reason})"
-            time.sleep(RETRY_EVERY_S)
+            time.sleep(min(RETRY_EVERY_S, remaining))
             continue
         try:
             json.loads(body)["reward"]
