@@ -102,6 +102,13 @@ def test_all_misspelt_keys_are_named_at_once(tmp_path: Path) -> None:
     assert "2 problem(s)" in result.stderr
 
 
+def test_a_key_added_with_plus_that_the_schema_lacks_gets_a_did_you_mean_too(compose_cfg) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg("+model.lora.rnk=8"))
+    assert str(info.value) == ("invalid configuration: model.lora.rnk: Key 'rnk' not in 'LoraSchema'; did you mean "
+                               "model.lora.rank? (allowed keys: enabled, rank, alpha, target_modules)")
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

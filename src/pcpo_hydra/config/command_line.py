@@ -15,16 +15,17 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.paths import unwritable
 
-_NOT_APPLIED = re.compile(r"Could not (?:override|append to|delete from) '([^']+)'")
+# Hydra's words for an override whose key the config lacks (`key=v`, `~key`).
+_NOT_APPLIED = re.compile(r"Could not override '([^']+)'|Could not delete from config\. '([^']+)' does not exist")
 
 
 def command_line_problems(argv: list[str], config_dir: str, config_name: str) -> list[str]:
     """One line per misspelt key or unwritable output folder; [] where Hydra's own handling should speak."""
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)  # Hydra's own parser (it has no public one): flags mean what they mean there
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
             or args.config_dir or args.experimental_rerun:
         return []
@@ -32,30 +33,39 @@ def command_line_problems(argv: list[str], config_dir: str, config_name: str) ->
         overrides = [_one_job(override) for override in OverridesParser.create().parse_overrides(args.overrides)]
     except HydraException:
         return []  # Hydra's parse error says it best
-    misspelt: list[str] = []
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        while True:
-            try:
-                cfg = compose(args.config_name or config_name, [o for o in overrides if o], return_hydra_config=True)
-                break
-            except ConfigCompositionException as error:
-                found = _NOT_APPLIED.search(str(error))
-                key = found.group(1) if found else None
-                dropped = [i for i, o in enumerate(overrides) if o and _key_of(o) == key]
-                if not dropped:
-                    return [_did_you_mean(None, k) for k in misspelt]  # another problem: Hydra reports it next
-                misspelt.append(key)
-                overrides[dropped[0]] = None
-            except HydraException:
-                return [_did_you_mean(None, k) for k in misspelt]
+        cfg, misspelt = _compose_without_unknown_keys(args.config_name or config_name, overrides)
         problems = [_did_you_mean(cfg, key) for key in misspelt]
-        output = cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir
-    where = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+        if cfg is None or args.cfg:  # --cfg only prints the config: it writes no output folder
+            return problems
+        where = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+        output = OmegaConf.select(cfg, where)
     problem = unwritable(output)
     if problem:
         problems.append(f"{where}={output!r}: cannot write there ({problem}); fix: run pcpo-train from a "
                         f"writable folder, or set {where}=<writable folder>")
     return problems
+
+
+def _compose_without_unknown_keys(config_name: str, overrides: list[str | None]) -> tuple[DictConfig | None, list[str]]:
+    """The config composed with every override Hydra can apply, and the keys of those it cannot.
+
+    The config is None when composing failed for another reason, which Hydra then reports itself.
+    """
+    overrides, misspelt = list(overrides), []
+    while True:
+        try:
+            return compose(config_name, [o for o in overrides if o], return_hydra_config=True), misspelt
+        except ConfigCompositionException as error:
+            found = _NOT_APPLIED.search(str(error))
+            key = found and (found.group(1) or found.group(2))
+            unknown = [i for i, o in enumerate(overrides) if o and _key_of(o) == key]
+            if not unknown:
+                return None, misspelt
+            misspelt.append(key)
+            overrides[unknown[0]] = None
+        except HydraException:
+            return None, misspelt
 
 
 def _one_job(override) -> str | None:
