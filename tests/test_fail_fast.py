@@ -281,7 +281,7 @@ def test_unwritable_output_checkpoint_and_text_cache_folders_fail_before_the_mod
         f"hydra.run.dir={blocker}/run": f"hydra.run.dir='{blocker}/run': cannot write there (not a folder: {blocker}); "
                                         "fix: run pcpo-train from a writable folder, or set hydra.run.dir=",
         f"hydra.sweep.dir={blocker}/sweep": f"hydra.sweep.dir='{blocker}/sweep': cannot write there",
-        f"hydra.run.dir={run_dir}": f"checkpoints (in hydra.run.dir): cannot write there (not a folder: "
+        f"hydra.run.dir={run_dir}": f"hydra.run.dir='{run_dir}': cannot write its checkpoints/ (not a folder: "
                                     f"{run_dir / 'checkpoints'}); fix: set hydra.run.dir=<writable folder>",
         f"text_cache_dir={blocker}/cache": f"text_cache_dir='{blocker}/cache': cannot write there (not a folder: "
                                            f"{blocker}); fix: set text_cache_dir=<writable folder>, or text_cache_dir=null",

@@ -53,12 +53,13 @@ def component_nodes(cfg: DictConfig) -> Iterator[tuple[str, type, Any]]:
 
 def folder_problems(cfg: DictConfig, run_dir: Path) -> list[str]:
     """The folders the run writes before its first epoch ends: checkpoints, and the text cache."""
-    folders = {"checkpoints (in hydra.run.dir)": (checkpoint_root(run_dir), "set hydra.run.dir=<writable folder>")}
+    folders = [(f"hydra.run.dir={str(run_dir)!r}", "its checkpoints/", checkpoint_root(run_dir),
+                "set hydra.run.dir=<writable folder>")]
     if cfg.text_cache_dir is not None:
-        folders[f"text_cache_dir={cfg.text_cache_dir!r}"] = (
-            Path(cfg.text_cache_dir), "set text_cache_dir=<writable folder>, or text_cache_dir=null (in memory only)")
-    return [f"{key}: cannot write there ({problem}); fix: {fix}"
-            for key, (folder, fix) in folders.items() if (problem := unwritable(folder))]
+        folders.append((f"text_cache_dir={cfg.text_cache_dir!r}", "there", Path(cfg.text_cache_dir),
+                        "set text_cache_dir=<writable folder>, or text_cache_dir=null (in memory only)"))
+    return [f"{key}: cannot write {what} ({problem}); fix: {fix}"
+            for key, what, folder, fix in folders if (problem := unwritable(folder))]
 
 
 def device_problems(hardware: DictConfig) -> list[str]:
