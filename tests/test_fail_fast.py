@@ -433,3 +433,31 @@ def test_a_checkpoint_that_hits_the_file_size_limit_ends_the_run_in_one_line_kee
     (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
     assert run.info.status == "FAILED"
     assert elapsed < 300
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (needs mount rights: root in CI's container; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_named_as_such_and_leaves_no_partial_entry(tiny_disk: Path) -> None:
+    import torch
+
+    from pcpo_hydra.models.text_cache import TextEmbeddingCache
+    from pcpo_hydra.writes import WriteFailed
+
+    cache = TextEmbeddingCache(tiny_disk, "model")
+    with pytest.raises(WriteFailed) as info:
+        cache.store("a cat", {"embeds": torch.zeros(64 * 1024)})  # 256 KiB on a 64 KiB disk
+    assert str(info.value).startswith(f"cannot write {tiny_disk / 'model'}/")
+    assert "No space left on device (free some space on that disk)" in str(info.value)
+    assert list((tiny_disk / "model").iterdir()) == []
