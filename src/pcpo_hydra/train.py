@@ -9,6 +9,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -46,7 +47,7 @@ def main() -> None:
     train()
 
 
-def config_error(error: ConfigError) -> None:
+def config_error(error: ConfigError) -> NoReturn:
     """Report a config the machine cannot run, with exit status 2."""
     print(f"pcpo-train: {error}", file=sys.stderr)
     raise SystemExit(2) from None
