@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pcpo_hydra.writes import written
+
 _PREFIX = "epoch_"
 TRAINER_STATE = "trainer.pt"
 WEIGHTS = "weights"
@@ -71,10 +73,12 @@ def save_checkpoint(run_dir: Path, epoch: int, accelerator: Any, trainer_state: 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), **_deepspeed_kwargs(accelerator, saving=True))
-    accelerator.wait_for_everyone()
+    with written(partial):  # a full disk: the partial folder goes, the last complete checkpoint stays
+        accelerator.save_state(str(partial), **_deepspeed_kwargs(accelerator, saving=True))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save(trainer_state, partial / TRAINER_STATE)
     if accelerator.is_main_process:
-        torch.save(trainer_state, partial / TRAINER_STATE)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         for old in sorted(root.glob(f"{_PREFIX}*"))[:-keep]:

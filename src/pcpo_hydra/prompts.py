@@ -51,9 +51,45 @@ def from_list(name: str, prompts: list[str]) -> PromptSet:
 
 
 def from_file(path: str) -> PromptSet:
-    """One prompt per non-empty line of a text file."""
+    """One prompt per non-empty line of a UTF-8 text file."""
+    problem = prompt_file_problem(path)
+    if problem:
+        raise ValueError(f"prompts.path={path!r}: {problem}")
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"prompts.path={path!r}: no such file (one prompt per line expected)")
-    lines = (line.strip() for line in file.read_text(encoding="utf-8").splitlines())
-    return PromptSet(file.stem, tuple(line for line in lines if line))
+    return PromptSet(file.stem, _lines(file.read_bytes()))
+
+
+PROMPT_FILE_FIX = "give a UTF-8 text file with one prompt per line"
+
+
+def prompt_file_problem(path: str) -> str | None:
+    """What keeps `path` from giving prompts (missing, unreadable, binary, empty), with the fix; None if nothing.
+
+    Checked at validation, so a bad file fails before the model is built; a binary file is
+    reported by the offset of its first bad byte, never by dumping its contents.
+    """
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except FileNotFoundError:
+        return f"no such file; {PROMPT_FILE_FIX}"
+    except IsADirectoryError:
+        return f"is a directory; {PROMPT_FILE_FIX}"
+    except OSError as error:
+        return f"cannot be read ({error.strerror}); {PROMPT_FILE_FIX}"
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"is binary (a NUL byte at offset {nul}); {PROMPT_FILE_FIX}"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); {PROMPT_FILE_FIX}"
+    if not data:
+        return f"is empty; {PROMPT_FILE_FIX}"
+    if not _lines(data):
+        return f"holds only whitespace, no prompt; {PROMPT_FILE_FIX}"
+    return None
+
+
+def _lines(data: bytes) -> tuple[str, ...]:
+    """The stripped non-empty lines of UTF-8 text."""
+    return tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())

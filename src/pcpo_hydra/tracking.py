@@ -7,15 +7,13 @@ a sweep's jobs) never log into each other.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
 import logging
-import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,9 +24,9 @@ from mlflow.exceptions import MlflowException
 from torch import Tensor
 
 from pcpo_hydra.image_grid import make_grid
+from pcpo_hydra.mlflow_store import allow_file_store, check_server, resolve_tracking_uri, sqlite_path
+from pcpo_hydra.writes import written
 
-DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"  # relative to the working directory
-SQLITE_PREFIX = "sqlite:///"
 ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite file: where its new experiments keep artifacts
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI then opens the model-training view
@@ -44,32 +42,9 @@ TRUNCATED = "...[truncated]"
 
 LOCK_RETRIES = 5  # a sqlite store shared by a sweep's jobs is briefly locked while one writes
 LOCK_BACKOFF_S = 0.5
-SERVER_PROBE_TIMEOUT_S = 10
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """The argument, else $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI; sqlite paths made absolute.
-
-    An absolute sqlite path keeps the store where it was meant to be even if the working
-    directory changes later (Hydra jobs, SLURM).
-    """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    path = sqlite_path(uri)
-    if path is None:
-        return uri
-    query = uri.partition("?")[1:]
-    return SQLITE_PREFIX + str(path.resolve()) + "".join(query)
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (relative or absolute), None for other stores."""
-    if not tracking_uri.startswith(SQLITE_PREFIX):
-        return None
-    path = tracking_uri[len(SQLITE_PREFIX) :].partition("?")[0]
-    return Path(path) if path and path != ":memory:" else None
 
 
 def flatten_config(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -152,10 +127,12 @@ def open_client(tracking_uri: str) -> MlflowClient:
     store's tables, which MLflow does without a lock of its own, so the jobs of a sweep opening
     the same new store at once failed in its migrations ("table ... already exists"). A tracking
     server is asked first whether it is up, so a job fails at once rather than after MLflow's
-    minutes of connection retries.
+    minutes of connection retries. A file store named by the user is opened (MLflow 3 refuses one
+    without $MLFLOW_ALLOW_FILE_STORE).
     """
     database = sqlite_path(tracking_uri)
     if database is None:
+        allow_file_store(tracking_uri)
         check_server(tracking_uri)
         return MlflowClient(tracking_uri=tracking_uri)
     with open(database.with_name(database.name + ".lock"), "a") as lock:
@@ -163,33 +140,28 @@ def open_client(tracking_uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=tracking_uri)
 
 
-def check_server(tracking_uri: str) -> None:
-    """Raise ConnectionError when nothing answers at an http(s) tracking URI; other URIs pass.
-
-    Any HTTP answer counts, an error status included: a server behind a proxy may guard /health.
-    """
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return
-    except OSError as error:
-        raise ConnectionError(
-            f"no MLflow tracking server answers at {tracking_uri} ({error}). Start one with "
-            "`launchers/mlflow_server.sh start` (port: $PCPO_MLFLOW_PORT), or log to sqlite with logger=mlflow"
-        ) from error
-
-
 class _LockRetryingClient:
-    """An MlflowClient whose every method retries on a locked sqlite store."""
+    """An MlflowClient whose every method retries on a locked sqlite store, and names the store
+    (`database`) when a write fails for want of disk."""
 
-    def __init__(self, client: MlflowClient) -> None:
+    def __init__(self, client: MlflowClient, database: Path | None) -> None:
         self._client = client
+        self._database = database
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
-        return retry_if_locked(attribute) if callable(attribute) else attribute
+        if not callable(attribute):
+            return attribute
+        call = retry_if_locked(attribute)
+        if self._database is None:
+            return call
+
+        @functools.wraps(call)
+        def reporting(*args: Any, **kwargs: Any) -> Any:
+            with written(self._database, remove=False):
+                return call(*args, **kwargs)
+
+        return reporting
 
 
 class MLflowTracker:
@@ -208,7 +180,9 @@ class MLflowTracker:
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         self._artifact_location = (database.parent / ARTIFACTS_DIR).as_uri() if database else None
-        self._client: Any = _LockRetryingClient(open_client(self.tracking_uri))
+        with written(database, remove=False) if database else contextlib.nullcontext():
+            client = open_client(self.tracking_uri)
+        self._client: Any = _LockRetryingClient(client, database)
         self._run_id: str | None = None
         self._ended = False
 

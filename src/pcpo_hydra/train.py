@@ -9,11 +9,17 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from pcpo_hydra.checkpoint import latest_checkpoint
 from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.config.command_line import command_line_problems
+from pcpo_hydra.preflight import preflight
+from pcpo_hydra.writes import WriteFailed
 
 
 def config_dir() -> str:
@@ -33,16 +39,28 @@ def _if_set(value: object, then: str, otherwise: str) -> str:
 OmegaConf.register_new_resolver("pcpo.if_set", _if_set, replace=True)
 
 
+def main() -> None:
+    """The `pcpo-train` command: its command line checked first (Hydra's errors there say no fix), then Hydra."""
+    problems = command_line_problems(sys.argv[1:], config_dir(), "train")
+    if problems:
+        config_error(ConfigError(problems))
+    train()
+
+
+def config_error(error: ConfigError) -> NoReturn:
+    """Report a config the machine cannot run, with exit status 2."""
+    print(f"pcpo-train: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float:
     """Train one run; returns the final mean reward (what a Hydra sweeper optimises)."""
     try:
         cfg = validate(cfg)
+        preflight(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as exc:
-        print(f"pcpo-train: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    from hydra.core.hydra_config import HydraConfig
-
+        config_error(exc)
     from pcpo_hydra.build import run
     from pcpo_hydra.distributed import LaunchError, launch
     from pcpo_hydra.models.loading import ModelLoadError
@@ -56,6 +74,18 @@ def main(cfg: DictConfig) -> float:
     except (ModelLoadError, LaunchError) as exc:  # its message says what to do; a traceback would bury it
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except WriteFailed as exc:
+        print(f"pcpo-train: {exc}; {after_write_failure(Path(hydra_cfg.runtime.output_dir))}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def after_write_failure(run_dir: Path) -> str:
+    """What to do once the disk has room again: continue from the last complete checkpoint, if one was written."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return "free space (or raise ulimit -f), then start the run again"
+    return (f"free space (or raise ulimit -f), then `pcpo-train resume={run_dir}` continues from "
+            f"{checkpoint.name}, the last complete checkpoint")
 
 
 def job_tags(hydra_cfg: DictConfig) -> dict[str, str]:

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Dict, Iterator, Optional
 from omegaconf import MISSING
 
 from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
+from pcpo_hydra.config.needs import Executable, PythonModule, RewardServer
+from pcpo_hydra.prompts import prompt_file_problem
 from pcpo_hydra.world import grammar as world
 
 # ---------------------------------------------------------------------------------------- model
@@ -50,7 +52,7 @@ class PretrainedPolicySchema(PretrainedSchema, PolicySchema):
 
 @dataclass
 class TinyPolicySchema(PolicySchema):
-    seed: int = 0
+    seed: int = 0  # torch.manual_seed takes any int (the run's seed, bounded below, is what numpy sees)
     resolution: int = checked(32, positive())
 
 
@@ -175,6 +177,11 @@ class ImageRewardSchema(RewardModelSchema):
 
 @dataclass
 class OcrSchema:
+    NEEDS: ClassVar[tuple] = (  # what the machine must have (checked before anything heavy, see config.needs)
+        PythonModule("pytesseract", "pip install 'pcpo-hydra[ocr]'"),
+        Executable("tesseract_cmd", "tesseract", "apt-get install tesseract-ocr tesseract-ocr-eng "
+                   "(conda: conda install -c conda-forge tesseract; macOS: brew install tesseract)"),
+    )
     _target_: str = "pcpo_hydra.rewards.ocr.OcrReward"
     batch_size: int = checked(32, positive())
     lang: str = "eng"
@@ -205,6 +212,7 @@ class MultiRewardSchema:
 class RemoteRewardSchema:
     """A reward served by pcpo-reward-server (conf/reward_server.yaml)."""
 
+    NEEDS: ClassVar[tuple] = (RewardServer("url", "health_wait_s"),)
     _target_: str = "pcpo_hydra.rewards.remote.RemoteReward"
     url: str = checked("http://127.0.0.1:8765", Constraint(
         lambda v: v.startswith(("http://", "https://")), "an http:// or https:// URL"))
@@ -212,6 +220,7 @@ class RemoteRewardSchema:
     retries: int = checked(8, at_least(0))
     backoff_s: float = checked(1.0, at_least(0.0))
     batch_size: int = checked(32, positive())
+    health_wait_s: Optional[float] = checked(5.0, at_least(0.0))  # null: the server is not asked before use
 
 
 # Shapes world (pcpo_hydra.world, conf/reward/world_*.yaml): every world reward takes only a batch size.
@@ -323,6 +332,12 @@ class PromptFileSchema:
     _target_: str = "pcpo_hydra.prompts.from_file"
     path: str = MISSING
 
+    def relations(self, prefix: str) -> Iterator[str]:
+        """The file must give prompts: found now, not after the model is built."""
+        problem = prompt_file_problem(self.path)
+        if problem:
+            yield f"{prefix}.path={self.path!r}: {problem}"
+
 
 # Shapes world (conf/prompts/world.yaml): the captions of every combination of the words given.
 
@@ -381,7 +396,7 @@ class OptimSchema:
 class RunSchema:
     """Top-level keys; the groups are checked by their own schemas (GROUP_SCHEMAS)."""
 
-    seed: int = 0
+    seed: int = checked(0, interval(0, 2**32 - 1))  # numpy's seeding takes no negative, nothing from 2**32
     epochs: int = checked(20, positive())
     resume: Optional[str] = None
     run_name: Optional[str] = None

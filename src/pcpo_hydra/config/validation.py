@@ -6,6 +6,7 @@ allowed, so one failed launch tells the user everything to fix.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +23,9 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
+        if len(problems) == 1:  # one line: the key, the value and the fix
+            super().__init__(f"invalid configuration: {problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
 
@@ -36,9 +40,21 @@ def _typed(schema: type, node: DictConfig, prefix: str, problems: list[str]) -> 
         key = f"{prefix}.{exc.full_key}" if prefix and exc.full_key else prefix or exc.full_key
         message = str(exc.msg).splitlines()[0]
         if isinstance(exc, ConfigKeyError):
-            message += "; allowed keys: " + ", ".join(k for k in schema.__dataclass_fields__ if k != "_target_")
+            message += _allowed_keys(schema, str(exc.full_key), key)
         problems.append(f"{key}: {message}")
         return None
+
+
+def _allowed_keys(schema: type, full_key: str, key: str) -> str:
+    """'; did you mean <key>? (allowed keys: ...)' for a key the node at `full_key` of `schema` lacks."""
+    parent, _, name = full_key.rpartition(".")
+    structured = OmegaConf.structured(schema)
+    node = OmegaConf.select(structured, parent) if parent else structured
+    allowed = [str(k) for k in node if k != "_target_"]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    prefix = key.rpartition(".")[0]
+    meant = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return f"{meant} (allowed keys: {', '.join(allowed)})"
 
 
 def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> DictConfig | None:

@@ -16,6 +16,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pcpo_hydra.writes import written
+
 
 class TextEmbeddingCache:
     """prompt -> {name: Tensor} for one model (`key`); `directory` None keeps entries in memory only."""
@@ -61,8 +63,9 @@ class TextEmbeddingCache:
         handle, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         os.close(handle)
         try:
-            save_file(entry, tmp, metadata={"prompt": prompt})
-            os.replace(tmp, self._path(prompt))
+            with written(self._path(prompt), remove=False):  # a full disk: one line naming the entry
+                save_file(entry, tmp, metadata={"prompt": prompt})
+                os.replace(tmp, self._path(prompt))
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

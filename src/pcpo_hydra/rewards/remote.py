@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from pcpo_hydra.image_grid import to_uint8
+from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.rewards.health import server_problem
 from pcpo_hydra.rewards.wire import REQUEST_TYPE, decode_scores, encode_request
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,14 @@ class RemoteReward(BaseReward):
         retries: int = 8,
         backoff_s: float = 1.0,
         batch_size: int = 32,
+        health_wait_s: float | None = None,
     ) -> None:
         super().__init__(batch_size)
+        if health_wait_s is not None:  # the server may have gone while the model was built: ask it again
+            problem = server_problem(url, health_wait_s)
+            if problem:
+                raise ModelLoadError(f"reward.url={url!r}: {problem}; start pcpo-reward-server there, "
+                                     "or set reward.url to where it runs")
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retries = retries
