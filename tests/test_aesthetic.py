@@ -72,6 +72,28 @@ def test_missing_or_mismatched_heads_name_the_key(tiny_clip_dir: Path, tmp_path:
         AestheticScore(pretrained=str(tiny_clip_dir), head=str(tmp_path / "other.pth"))
 
 
+def test_a_head_with_missing_extra_or_misshapen_weights_fails_naming_the_file_and_keys(tmp_path: Path) -> None:
+    """Every published key, no other, in its shape: a partial head would score with random layers."""
+    from pcpo_hydra.models.loading import WeightsFor
+    from pcpo_hydra.rewards.aesthetic import load_head
+
+    owner = WeightsFor("reward 'aesthetic'", "reward.head", "the MLP")
+    partial = {key: value for key, value in head_state().items() if not key.startswith("layers.6.")}
+    extra = {**head_state(), "layers.1.weight": torch.ones(1)}
+    misshapen = {**head_state(), "layers.4.weight": torch.ones(64, 100)}
+    expected = {
+        "partial.pth": (partial, "missing keys ['layers.6.bias', 'layers.6.weight']"),
+        "extra.pth": (extra, "unexpected keys ['layers.1.weight']"),
+        "misshapen.pth": (misshapen, "shapes differ: layers.4.weight (64, 100) (MLP: (64, 128))"),
+    }
+    for name, (state, reason) in expected.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(ModelLoadError) as error:
+            load_head(tmp_path / name, owner)
+        assert f"'{tmp_path / name}'" in str(error.value) and reason in str(error.value)
+        assert "Fix: set reward.head=<local path>" in str(error.value)
+
+
 def test_config_option_composes_and_rejects_a_bad_batch_size(compose_cfg) -> None:
     cfg = validate(compose_cfg("reward=aesthetic"))
     assert cfg.reward.pretrained == "openai/clip-vit-large-patch14"

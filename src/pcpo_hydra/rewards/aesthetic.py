@@ -17,6 +17,7 @@ from pcpo_hydra.rewards.clip_score import CLIP_LAYOUT, ClipEmbedder
 
 HEAD_LAYOUT = "the LAION aesthetic MLP as a .pth or .safetensors file"
 HEAD_LAYERS = (0, 2, 4, 6, 7)  # indices of the Linear layers in LAION's nn.Sequential (dropouts between)
+HEAD_KEYS_SHOWN = 4  # keys quoted in a mismatch error
 
 
 class AestheticHead(nn.Module):
@@ -39,13 +40,25 @@ LAION_HEAD = (
 
 
 def load_head(path: Path, owner: WeightsFor) -> AestheticHead:
-    """The MLP with the published weights; its input width is read from the file."""
+    """The MLP with the published weights; its input width is read from the file.
+
+    Every key must be there and no other, in the published shapes: a partial file would otherwise
+    leave layers at their random initialisation and score without a word.
+    """
     state = read_state_dict(path, str(path), owner)
     expected = {f"layers.{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias")}
-    if set(state) != expected:
-        raise load_error(str(path), None, None, f"not the aesthetic MLP: keys {sorted(state)[:4]}...", owner)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        listed = [f"{what} keys {keys[:HEAD_KEYS_SHOWN]}{'...' if len(keys) > HEAD_KEYS_SHOWN else ''}"
+                  for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise load_error(str(path), None, None, f"not the aesthetic MLP: {'; '.join(listed)}", owner)
     head = AestheticHead(state["layers.0.weight"].shape[1])
-    head.load_state_dict(state)
+    shapes = head.state_dict()
+    if wrong := [f"{key} {tuple(state[key].shape)} (MLP: {tuple(value.shape)})"
+                 for key, value in shapes.items() if state[key].shape != value.shape]:
+        reason = f"not the aesthetic MLP: shapes differ: {', '.join(wrong[:HEAD_KEYS_SHOWN])}"
+        raise load_error(str(path), None, None, reason, owner)
+    head.load_state_dict(state, strict=True)
     return head.eval().requires_grad_(False)
 
 
