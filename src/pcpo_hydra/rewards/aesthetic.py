@@ -3,6 +3,11 @@
 DDPO's aesthetic reward. The head is LAION's `sac+logos+ava1-l14-linearMSE.pth`: five linear
 layers (768 -> 1024 -> 128 -> 64 -> 16 -> 1) with dropout between the first four, which is a no-op
 when scoring. Scores are on LAION's 1-10 rating scale.
+
+LAION's script embeds images with OpenAI CLIP's `clip.load` model and transform: torchvision's
+Resize(224, bicubic) on the PIL image, CenterCrop(224), ToTensor, OpenAI's normalisation. That
+crop rounds its offset where transformers' processor floors it (a one-pixel shift when the resized
+longer side exceeds 224 by 3, 7, 11, ...), so this reward runs that transform (ClipTransform.openai_clip).
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ class AestheticScore(BaseReward):
     ) -> None:
         super().__init__(batch_size)
         kind = f"reward {self.name!r}"
-        self.clip = ClipEmbedder(pretrained, revision, device, dtype, WeightsFor(kind, "reward.pretrained", CLIP_LAYOUT))
+        clip_owner = WeightsFor(kind, "reward.pretrained", CLIP_LAYOUT)
+        self.clip = ClipEmbedder(pretrained, revision, device, dtype, clip_owner, preprocessing="openai_clip")
         owner = WeightsFor(kind, "reward.head", HEAD_LAYOUT)
         self.head = load_head(weight_file(head, owner), owner).to(self.clip.model.device)
         width = self.clip.model.config.projection_dim
