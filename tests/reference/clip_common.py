@@ -1,4 +1,4 @@
-"""What the CLIP-family reference scripts share: importing torchvision under CPU torch, and the file formats.
+"""What the CLIP-family reference scripts share: torchvision importable beside CPU torch, and the file formats.
 
 Imported first by each script, which runs in the `clip` reference venv (tests/reference/clip.txt).
 Inputs: an .npz of uint8 image batches [B, H, W, 3] (arr_0, arr_1, ...: one per image size) and a
@@ -11,15 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+import torchvision_without_ops  # noqa: F401  (before anything imports torchvision)
 
-# PyPI's torchvision wheel is linked against CUDA torch, so with CPU torch its C++ operators
-# (detection's nms, roi_align, ...) never register, and `import torchvision` fails where it attaches
-# fake kernels to two of them. Declaring those two names lets the import finish; the transforms the
-# references use are torchvision's Python code on PIL images and never touch the missing operators.
-for _name in ("nms", "qnms"):
-    torch.library.define(f"torchvision::{_name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+import numpy as np
 
 
 def read_images(path: str) -> list[np.ndarray]:
