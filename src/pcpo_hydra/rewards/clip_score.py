@@ -26,7 +26,7 @@ from pcpo_hydra.models.loading import WeightsFor, check_source, load_component, 
 from pcpo_hydra.rewards.base import BaseReward
 
 if TYPE_CHECKING:
-    from transformers import CLIPImageProcessorPil, CLIPModel
+    from transformers import BatchEncoding, CLIPImageProcessorPil, CLIPModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLIP_LAYOUT = "a folder saved with save_pretrained holding the CLIP model, its tokenizer and image processor"
@@ -155,7 +155,7 @@ class ClipEmbedder:
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
-    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
+    def tokenize(self, prompts: list[str]) -> BatchEncoding:
         """Token ids and attention mask; the tokenizer cuts a long prompt at 77 tokens, keeping end-of-text last."""
         return self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
 
