@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPModel
@@ -14,7 +15,8 @@ from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.pickscore import PickScore
 
-from test_clip_score import colour_clip, colour_pairs, hand_preprocessed, images
+from conftest import run_reference
+from test_clip_score import as_images, colour_clip, colour_pairs, hand_preprocessed, images, read_scores, write_images
 
 TEMPERATURE = 37.0  # exp(logit_scale) set in the tiny model, so a missing or doubled exp shows
 
@@ -92,3 +94,23 @@ def test_config_option_composes_and_rejects_a_bad_dtype(compose_cfg) -> None:
     assert cfg.reward.processor == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" and cfg.reward.device == "cpu"
     with pytest.raises(ConfigError, match="reward.dtype='float64'"):
         validate(compose_cfg("reward=pickscore", "reward.dtype=float64"))
+
+
+@pytest.mark.integration
+def test_scores_equal_pickscores_readme_code(model_dir: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """The README's AutoProcessor + AutoModel scoring on the PIL processor it ran with, vs ours, to 1e-4."""
+    generator = np.random.default_rng(6)
+    # 32 x 36 resizes to 24 x 27, where the processors' crop offsets and resizes differ; 31 x 50 to 24 x 38.
+    batches = [generator.integers(0, 256, (3, 32, 36, 3), dtype=np.uint8),
+               generator.integers(0, 256, (2, 50, 31, 3), dtype=np.uint8)]
+    prompts = [["a red fox", "a blue car", "zzz"], ["a", "two cats on a mat"]]
+    images = write_images(tmp_path, batches, prompts)
+    run_reference("clip", "pickscore_readme.py", str(model_dir), str(tiny_clip_dir), images,
+                  str(tmp_path / "prompts.json"), str(tmp_path / "readme.npz"))
+    readme = read_scores(tmp_path / "readme.npz", len(batches))
+    reward = PickScore(pretrained=str(model_dir), processor=str(tiny_clip_dir))
+    for batch, batch_prompts, expected in zip(batches, prompts, readme):
+        torch.testing.assert_close(reward(as_images(batch), batch_prompts).double(), expected, rtol=1e-4, atol=0)
+    # transformers' default processor where torchvision is installed is not the README's: it fails this comparison.
+    default = read_scores(tmp_path / "readme.npz", len(batches), prefix="torchvision")
+    assert not all(torch.allclose(theirs, expected, rtol=1e-4, atol=0) for theirs, expected in zip(default, readme))

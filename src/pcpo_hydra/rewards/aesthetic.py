@@ -3,6 +3,11 @@
 DDPO's aesthetic reward. The head is LAION's `sac+logos+ava1-l14-linearMSE.pth`: five linear
 layers (768 -> 1024 -> 128 -> 64 -> 16 -> 1) with dropout between the first four, which is a no-op
 when scoring. Scores are on LAION's 1-10 rating scale.
+
+LAION's script embeds images with OpenAI CLIP's `clip.load` model and transform: torchvision's
+Resize(224, bicubic) on the PIL image, CenterCrop(224), ToTensor, OpenAI's normalisation. That
+crop rounds its offset where transformers' processor floors it (a one-pixel shift when the resized
+longer side exceeds 224 by 3, 7, 11, ...), so this reward runs that transform (ClipTransform.openai_clip).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pcpo_hydra.rewards.clip_score import CLIP_LAYOUT, ClipEmbedder
 
 HEAD_LAYOUT = "the LAION aesthetic MLP as a .pth or .safetensors file"
 HEAD_LAYERS = (0, 2, 4, 6, 7)  # indices of the Linear layers in LAION's nn.Sequential (dropouts between)
+HEAD_KEYS_SHOWN = 4  # keys quoted in a mismatch error
 
 
 class AestheticHead(nn.Module):
@@ -39,13 +45,25 @@ LAION_HEAD = (
 
 
 def load_head(path: Path, owner: WeightsFor) -> AestheticHead:
-    """The MLP with the published weights; its input width is read from the file."""
+    """The MLP with the published weights; its input width is read from the file.
+
+    Every key must be there and no other, in the published shapes: a partial file would otherwise
+    leave layers at their random initialisation and score without a word.
+    """
     state = read_state_dict(path, str(path), owner)
     expected = {f"layers.{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias")}
-    if set(state) != expected:
-        raise load_error(str(path), None, None, f"not the aesthetic MLP: keys {sorted(state)[:4]}...", owner)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        listed = [f"{what} keys {keys[:HEAD_KEYS_SHOWN]}{'...' if len(keys) > HEAD_KEYS_SHOWN else ''}"
+                  for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise load_error(str(path), None, None, f"not the aesthetic MLP: {'; '.join(listed)}", owner)
     head = AestheticHead(state["layers.0.weight"].shape[1])
-    head.load_state_dict(state)
+    shapes = head.state_dict()
+    if wrong := [f"{key} {tuple(state[key].shape)} (MLP: {tuple(value.shape)})"
+                 for key, value in shapes.items() if state[key].shape != value.shape]:
+        reason = f"not the aesthetic MLP: shapes differ: {', '.join(wrong[:HEAD_KEYS_SHOWN])}"
+        raise load_error(str(path), None, None, reason, owner)
+    head.load_state_dict(state, strict=True)
     return head.eval().requires_grad_(False)
 
 
@@ -65,7 +83,8 @@ class AestheticScore(BaseReward):
     ) -> None:
         super().__init__(batch_size)
         kind = f"reward {self.name!r}"
-        self.clip = ClipEmbedder(pretrained, revision, device, dtype, WeightsFor(kind, "reward.pretrained", CLIP_LAYOUT))
+        clip_owner = WeightsFor(kind, "reward.pretrained", CLIP_LAYOUT)
+        self.clip = ClipEmbedder(pretrained, revision, device, dtype, clip_owner, preprocessing="openai_clip")
         owner = WeightsFor(kind, "reward.head", HEAD_LAYOUT)
         self.head = load_head(weight_file(head, owner), owner).to(self.clip.model.device)
         width = self.clip.model.config.projection_dim

@@ -6,7 +6,9 @@ temperature (the logits Pick-a-Pic's preference loss was trained on). That softm
 compares several images of one prompt; here every image has its own prompt, so it is left out.
 PickScore's code takes the tokenizer and image processor (resize, centre crop to 224, OpenAI CLIP
 normalisation) from the base model laion/CLIP-ViT-H-14-laion2B-s32B-b79K, not from the fine-tuned
-repository; `reward.processor` names that source.
+repository; `reward.processor` names that source. Its README runs them through transformers'
+AutoProcessor, which then gave the PIL image processor; ClipTransform reproduces that one, so the
+score stays the same where torchvision is installed (transformers now picks its torchvision backend).
 """
 
 from __future__ import annotations
