@@ -6,6 +6,7 @@ Everything heavy is imported inside `run`, after validation, so `--help` and `--
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.config.resume import resumed_config
 
 
 def config_dir() -> str:
@@ -37,25 +39,42 @@ OmegaConf.register_new_resolver("pcpo.if_set", _if_set, replace=True)
 def main(cfg: DictConfig) -> float:
     """Train one run; returns the final mean reward (what a Hydra sweeper optimises)."""
     try:
-        cfg = validate(cfg)
+        cfg = validate(resumed_config(cfg) if cfg.resume is not None else cfg)
     except ConfigError as exc:
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     from hydra.core.hydra_config import HydraConfig
 
     from pcpo_hydra.build import run
+    from pcpo_hydra.checkpoint import CheckpointError
     from pcpo_hydra.distributed import LaunchError, launch
     from pcpo_hydra.models.loading import ModelLoadError
+    from pcpo_hydra.run_lock import RunDirBusy, hold_run_dir
 
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
-    job = partial(run, cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task),
-                  job_tags(hydra_cfg))
+    job = partial(run, cfg, run_dir, choices, list(hydra_cfg.overrides.task), job_tags(hydra_cfg))
     try:
-        return launch(job, cfg.hardware, OmegaConf.to_container(hydra_cfg.job_logging, resolve=True))
-    except (ModelLoadError, LaunchError) as exc:  # its message says what to do; a traceback would bury it
+        with hold_run_dir(run_dir):
+            return launch(job, cfg.hardware, OmegaConf.to_container(hydra_cfg.job_logging, resolve=True))
+    except (ModelLoadError, LaunchError, RunDirBusy, CheckpointError) as exc:  # its message says what to do
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(interrupted_message(run_dir), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What a second Ctrl-C leaves: no checkpoint of the epoch it cut short, the run's MLflow run KILLED."""
+    from pcpo_hydra.checkpoint import latest_checkpoint
+    from pcpo_hydra.preemption import resume_command
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return "pcpo-train: interrupted before a checkpoint was saved; nothing to resume"
+    return f"pcpo-train: interrupted; continue from {checkpoint.name} with: {resume_command(run_dir)}"
 
 
 def job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
