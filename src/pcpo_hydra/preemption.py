@@ -67,10 +67,10 @@ class StopSignals:
         return signum or None
 
     def hand_over(self, stop: Preempted, in_submitit_job: bool, run_dir: Path) -> None:
-        """Leave the process: through submitit's requeue (it exits), else with 128 + the signal."""
+        """Leave the process: through submitit's requeue (it exits), else with 128 + the signal (130 for Ctrl-C)."""
         requeue = self._previous.get(signal.SIGUSR1)
         self.uninstall()
-        if in_submitit_job and callable(requeue):
+        if in_submitit_job and callable(requeue) and stop.signum != signal.SIGINT:  # a Ctrl-C is no preemption
             log.warning("%s: handing over to submitit to requeue the job", stop)
             try:
                 requeue(signal.SIGUSR1, None)  # rank 0 requeues and exits; the other ranks return
