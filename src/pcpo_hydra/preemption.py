@@ -88,3 +88,13 @@ class StopSignals:
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in `run_dir`, ready to paste into a shell."""
     return f"pcpo-train resume={shlex.quote(str(Path(run_dir).resolve()))}"
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What a second Ctrl-C leaves: no checkpoint of the epoch it cut short, the MLflow run KILLED."""
+    from pcpo_hydra.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return "pcpo-train: interrupted before a checkpoint was saved; nothing to resume"
+    return f"pcpo-train: interrupted; continue from {checkpoint.name} with: {resume_command(run_dir)}"

@@ -45,36 +45,38 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(2) from None
     from hydra.core.hydra_config import HydraConfig
 
-    from pcpo_hydra.build import run
-    from pcpo_hydra.checkpoint import CheckpointError
-    from pcpo_hydra.distributed import LaunchError, launch
-    from pcpo_hydra.models.loading import ModelLoadError
+    from pcpo_hydra.preemption import interrupted_message
     from pcpo_hydra.run_lock import RunDirBusy, hold_run_dir
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
-    job = partial(run, cfg, run_dir, choices, list(hydra_cfg.overrides.task), job_tags(hydra_cfg))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        with hold_run_dir(run_dir):
-            return launch(job, cfg.hardware, OmegaConf.to_container(hydra_cfg.job_logging, resolve=True))
-    except (ModelLoadError, LaunchError, RunDirBusy, CheckpointError) as exc:  # its message says what to do
+        with hold_run_dir(run_dir):  # before the heavy imports: a second process on this run dir fails at once
+            return train(cfg, run_dir)
+    except RunDirBusy as exc:
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C; the first stops after the epoch, checkpointed
         print(interrupted_message(run_dir), file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
 
 
-def interrupted_message(run_dir: Path) -> str:
-    """What a second Ctrl-C leaves: no checkpoint of the epoch it cut short, the run's MLflow run KILLED."""
-    from pcpo_hydra.checkpoint import latest_checkpoint
-    from pcpo_hydra.preemption import resume_command
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    """Launch the run's ranks in `run_dir`; a failure whose message says what to do ends in that line."""
+    from hydra.core.hydra_config import HydraConfig
 
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        return "pcpo-train: interrupted before a checkpoint was saved; nothing to resume"
-    return f"pcpo-train: interrupted; continue from {checkpoint.name} with: {resume_command(run_dir)}"
+    from pcpo_hydra.build import run
+    from pcpo_hydra.checkpoint import CheckpointError
+    from pcpo_hydra.distributed import LaunchError, launch
+    from pcpo_hydra.models.loading import ModelLoadError
+
+    hydra_cfg = HydraConfig.get()
+    choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
+    job = partial(run, cfg, run_dir, choices, list(hydra_cfg.overrides.task), job_tags(hydra_cfg))
+    try:
+        return launch(job, cfg.hardware, OmegaConf.to_container(hydra_cfg.job_logging, resolve=True))
+    except (ModelLoadError, LaunchError, CheckpointError) as exc:  # a traceback would bury the message
+        print(f"pcpo-train: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
