@@ -170,6 +170,15 @@ def test_resume_passes_over_a_damaged_latest_checkpoint_and_fails_in_one_line_wh
     assert f"resumed {run_dir / 'checkpoints' / 'epoch_00001'} at epoch 1" in result.stdout
     assert steps(store) == [1, 2, 3]  # epoch 2 recomputed from epoch 1, not logged twice
 
+    state = run_dir / "checkpoints" / "epoch_00003" / "trainer.pt"
+    state.write_bytes(b"\0" * state.stat().st_size)  # damaged in place: its size still matches
+    result = cli(store, f"resume={run_dir}", "epochs=4")
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines()[-1].startswith(
+        f"pcpo-train: checkpoint {state.parent} does not load (")
+    assert f"delete it to resume from an older one in {state.parent.parent}" in result.stdout
+    assert "Traceback" not in result.stdout
+
     for checkpoint in (run_dir / "checkpoints").glob("epoch_*"):
         (checkpoint / "trainer.pt").write_bytes(b"")
     start = time.monotonic()
