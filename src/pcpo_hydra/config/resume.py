@@ -46,7 +46,7 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: node}
     found: dict[str, Any] = {}
     for key, value in node.items():
-        found.update(leaves(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+        found.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
     return found
 
 
@@ -54,6 +54,12 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose
 
     return OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
+
+
+def changes(original: list[str], overrides: list[str]) -> dict[str, Any]:
+    """{key: new value} for every key that `overrides`, given after `original`, changes (None: removed)."""
+    before, after = leaves(_compose(original)), leaves(_compose(original + overrides))
+    return {key: after.get(key) for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
 
 
 def _owner(key: str, overrides: list[str]) -> str:
@@ -67,45 +73,60 @@ def _owner(key: str, overrides: list[str]) -> str:
     return key
 
 
-def resumed_config(cfg: DictConfig) -> DictConfig:
-    """The config of the run `cfg.resume` names, with this launch's allowed overrides applied; else ConfigError."""
-    from hydra.core.hydra_config import HydraConfig
+def refusals(changed: dict[str, Any], trained: dict[str, Any], overrides: list[str]) -> list[str]:
+    """One problem per override that changes a key outside MAY_CHANGE from its trained value.
 
-    hydra_cfg = HydraConfig.get()
-    problems = resume_problems(cfg.resume)
-    run_dir = Path(cfg.resume).resolve()
-    saved = run_dir / ".hydra"
-    if problems:
-        raise ConfigError(problems)
-    if not (saved / "config.yaml").is_file():
-        raise ConfigError([f"resume={cfg.resume!r}: no .hydra/config.yaml in it, so its config is unknown; "
-                           "give the directory pcpo-train created for the run"])
-    started_in = Path(OmegaConf.load(saved / "hydra.yaml").hydra.runtime.cwd)
-    if started_in != Path(hydra_cfg.runtime.cwd):
-        raise ConfigError([f"resume={cfg.resume!r}: the run was started in {started_in}, where its relative paths "
-                           f"(MLflow store, text cache, prompt files) resolve; resume it from there: cd {started_in}"])
-    if Path(hydra_cfg.runtime.output_dir).resolve() != run_dir:
-        raise ConfigError([f"hydra.run.dir={hydra_cfg.runtime.output_dir}: a resumed run writes into the "
-                           f"directory it continues ({run_dir}); drop hydra.run.dir"])
-    overrides = list(hydra_cfg.overrides.task)
-    original = list(OmegaConf.load(saved / "overrides.yaml"))
-    before, after = leaves(_compose(original)), leaves(_compose(original + overrides))
-    changed = {key: after.get(key) for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
-    config = OmegaConf.to_container(OmegaConf.load(saved / "config.yaml"), resolve=True)
-    trained = leaves(config)
+    Keys no override names (a model's recipe sets the learning rate) are reported through the
+    override that does change something, when there is one.
+    """
     refused: dict[str, str] = {}
     for key in sorted(changed):
         if not may_change(key) and changed[key] != trained.get(key):
             refused.setdefault(_owner(key, overrides), f"{key}: {trained.get(key)!r} -> {changed[key]!r}")
     named = {override: change for override, change in refused.items() if "=" in override}
-    if refused:  # keys no override names changed through one that does (a model's recipe): name only that one
-        raise ConfigError([
-            f"{override}: a resume cannot change what the run trained ({change}); start a new run for it "
-            f"(a resume may change only {', '.join(MAY_CHANGE[1:])})" for override, change in (named or refused).items()
-        ])
-    result = OmegaConf.create(config)
+    allowed = ", ".join(MAY_CHANGE[1:])  # `resume` itself goes without saying
+    return [f"{override}: a resume cannot change what the run trained ({change}); start a new run for it "
+            f"(a resume may change only {allowed})" for override, change in (named or refused).items()]
+
+
+def saved_run(resume: str, hydra_cfg: DictConfig) -> Path:
+    """The .hydra/ folder of the run to resume, after checking it can be resumed from here; else ConfigError."""
+    problems = resume_problems(resume)
+    if problems:
+        raise ConfigError(problems)
+    run_dir = Path(resume).resolve()
+    saved = run_dir / ".hydra"
+    if not (saved / "config.yaml").is_file():
+        raise ConfigError([f"resume={resume!r}: no .hydra/config.yaml in it, so its config is unknown; "
+                           "give the directory pcpo-train created for the run"])
+    started_in = Path(OmegaConf.load(saved / "hydra.yaml").hydra.runtime.cwd)
+    if started_in != Path(hydra_cfg.runtime.cwd):
+        raise ConfigError([f"resume={resume!r}: the run was started in {started_in}, where its relative paths "
+                           f"(MLflow store, text cache, prompt files) resolve; resume it from there: cd {started_in}"])
+    if Path(hydra_cfg.runtime.output_dir).resolve() != run_dir:
+        raise ConfigError([f"hydra.run.dir={hydra_cfg.runtime.output_dir}: a resumed run writes into the "
+                           f"directory it continues ({run_dir}); drop hydra.run.dir"])
+    return saved
+
+
+def resumed_config(cfg: DictConfig) -> DictConfig:
+    """The config of the run `cfg.resume` names, with this launch's allowed overrides applied; else ConfigError.
+
+    It replaces the defaults-composed config Hydra saved for this launch (.hydra/resumed_<time>/).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    saved = saved_run(cfg.resume, hydra_cfg)
+    overrides = list(hydra_cfg.overrides.task)
+    trained = OmegaConf.to_container(OmegaConf.load(saved / "config.yaml"), resolve=True)
+    changed = changes(list(OmegaConf.load(saved / "overrides.yaml")), overrides)
+    problems = refusals(changed, leaves(trained), overrides)
+    if problems:
+        raise ConfigError(problems)
+    result = OmegaConf.create(trained)
     for key, value in changed.items():
         OmegaConf.update(result, key, value, force_add=True)
-    if hydra_cfg.output_subdir is not None:  # Hydra saved the defaults-composed config there: the real one instead
+    if hydra_cfg.output_subdir is not None:
         OmegaConf.save(result, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / "config.yaml")
     return result
