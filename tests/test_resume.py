@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from test_training import TINY, only_run
 
 from pcpo_hydra.checkpoint import MANIFEST, intact_checkpoint
-from pcpo_hydra.run_lock import LOCK_FILE
+from pcpo_hydra.run_lock import LOCK_FILE, RunDirBusy, hold_run_dir
 
 WEIGHTS_FILE = "weights/diffusion_pytorch_model.safetensors"
 
@@ -138,6 +138,29 @@ def test_a_second_resume_of_a_run_dir_in_use_fails_at_once_naming_the_holder(cop
     print(f"second resume refused in {elapsed:.1f} s")
     assert first.returncode == 0, output[-3000:]
     assert steps(store) == [1, 2, 3, 4]  # the later epochs once, by the first resume only
+
+
+HOLD = """
+import sys, time
+from pcpo_hydra.run_lock import hold_run_dir
+with hold_run_dir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_run_dir_lock_names_its_holder_and_is_free_once_the_holder_is_killed(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunDirBusy, match=f"in use by pcpo-train pid {holder.pid}; wait for it to end"):
+            with hold_run_dir(tmp_path):
+                pass
+    finally:
+        holder.kill()  # kill -9: no exit handler runs, the kernel drops the lock
+        holder.wait()
+    with hold_run_dir(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == str(os.getpid())
 
 
 # ------------------------------------------------------------------------------ damaged checkpoints
