@@ -11,7 +11,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pcpo_hydra.checkpoint import latest_checkpoint, load_checkpoint, register_weight_hooks
+from pcpo_hydra.checkpoint import (
+    CheckpointError, checkpoint_root, intact_checkpoint, load_checkpoint, register_weight_hooks,
+)
 from pcpo_hydra.config import trained_steps
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
@@ -92,13 +94,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     trainer = build_trainer(cfg, run_dir)
     trainer.stop = stop
     tracker = trainer.tracker
-    run_id = None
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, trainer.accelerator)
-        trainer.load_state_dict(state)
-        run_id = state["mlflow_run_id"]
-        log.info("resumed %s at epoch %d", checkpoint, trainer.epoch)
+    run_id = resume_from_checkpoint(trainer, run_dir)
     status = "FAILED"
     try:
         if tracker is not None:
@@ -107,6 +103,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
             trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
             if run_id is None:
                 tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            else:  # its params keep the first launch's values: say what this launch changed
+                tracker.tag_resume(overrides)
         result = trainer.fit()
         final = run_dir / "final_weights"
         save_final_weights(trainer, final)
@@ -123,7 +121,26 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     finally:
         if tracker is not None:
             tracker.end(status)
-    stop.hand_over(stopped, in_submitit_job())  # leaves the process (requeued under submitit)
+    stop.hand_over(stopped, in_submitit_job(), run_dir)  # leaves the process (requeued under submitit)
+
+
+def resume_from_checkpoint(trainer: Trainer, run_dir: Path) -> str | None:
+    """Load the newest intact checkpoint of `run_dir` into `trainer`; return the MLflow run it continues, if any.
+
+    Damaged newer checkpoints are passed over with a warning naming the bad file; a run dir whose
+    every checkpoint is damaged is a CheckpointError rather than a silent restart from epoch 0.
+    """
+    checkpoint, damaged = intact_checkpoint(run_dir)
+    for problem in damaged:
+        log.warning("passing over a damaged checkpoint: %s", problem)
+    if checkpoint is None:
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {checkpoint_root(run_dir)}: {'; '.join(damaged)}")
+        return None
+    state = load_checkpoint(checkpoint, trainer.accelerator)
+    trainer.load_state_dict(state)
+    log.info("resumed %s at epoch %d", checkpoint, trainer.epoch)
+    return state["mlflow_run_id"]
 
 
 def save_final_weights(trainer: Trainer, directory: Path) -> None:

@@ -5,12 +5,15 @@ every rank; under DeepSpeed the engine's sharded model and optimizer states), `w
 trained weights only, as the model saves them: LoRA adapters or the whole network) and
 `trainer.pt` (epoch, shuffling stream, advantage statistics, MLflow run id). A checkpoint is
 written to a temporary folder and renamed into place, so a crash mid-write never leaves a
-half-checkpoint that resume would pick up. torch is imported only to save or load, so config
+half-checkpoint that resume would pick up. `manifest.json`, written last, records every file's
+size: a checkpoint damaged later (a truncated copy, a disk that filled) is found before loading
+and passed over for the newest intact one. torch is imported only to save or load, so config
 validation can look for a checkpoint without it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,19 +23,59 @@ from pcpo_hydra.writes import written
 _PREFIX = "epoch_"
 TRAINER_STATE = "trainer.pt"
 WEIGHTS = "weights"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run that has some can be loaded; the message names the damaged file."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+def intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint whose files match its manifest (or None), and what is wrong with newer ones.
+
+    A checkpoint saved before manifests existed counts as intact when its trainer state is there.
+    """
     root = checkpoint_root(run_dir)
-    if not root.is_dir():
+    found = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / TRAINER_STATE).is_file() or (p / MANIFEST).is_file())
+    damaged = []
+    for checkpoint in reversed(found):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint, damaged
+        damaged.append(problem)
+    return None, damaged
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint of a run, or None."""
+    return intact_checkpoint(run_dir)[0]
+
+
+def _file_sizes(checkpoint: Path) -> dict[str, int]:
+    return {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*"))
+            if f.is_file() and f.name != MANIFEST}
+
+
+def damage(checkpoint: Path) -> str | None:
+    """None when every file of the manifest is there with its saved size, else the first that is not."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
         return None
-    found = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / TRAINER_STATE).is_file())
-    return found[-1] if found else None
+    try:
+        sizes = json.loads(manifest.read_text())
+    except ValueError:
+        return f"{manifest} is not valid JSON"
+    for name, size in sizes.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when saved"
+    return None
 
 
 def register_weight_hooks(accelerator: Any, model: Any) -> None:
@@ -78,6 +121,7 @@ def save_checkpoint(run_dir: Path, epoch: int, accelerator: Any, trainer_state: 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch.save(trainer_state, partial / TRAINER_STATE)
+            (partial / MANIFEST).write_text(json.dumps(_file_sizes(partial), indent=1))  # written last
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -88,8 +132,19 @@ def save_checkpoint(run_dir: Path, epoch: int, accelerator: Any, trainer_state: 
 
 
 def load_checkpoint(path: Path, accelerator: Any) -> dict:
-    """Restore weights, optimizer and RNG streams in place; return the trainer state saved beside them."""
+    """Restore weights, optimizer and RNG streams in place; return the trainer state saved beside them.
+
+    A file that passed its manifest's size check but still does not load (damaged in place) is a
+    CheckpointError naming the checkpoint, not a traceback from deep inside torch.
+    """
     import torch
 
-    accelerator.load_state(str(path), **_deepspeed_kwargs(accelerator, saving=False))
-    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    try:
+        accelerator.load_state(str(path), **_deepspeed_kwargs(accelerator, saving=False))
+        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    except Exception as error:
+        reason = (str(error) or "no message").splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path} does not load ({type(error).__name__}: {reason}); "
+            f"delete it to resume from an older one in {path.parent}"
+        ) from error

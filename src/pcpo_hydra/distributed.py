@@ -10,12 +10,16 @@ Accelerate then initialises from the environment, with DeepSpeed when `hardware.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import logging.config
 import os
 import random
 import signal
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -29,7 +33,8 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 _WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a spawning parent passes on to its ranks
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # what a spawning parent passes on to its ranks
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 class LaunchError(RuntimeError):
@@ -88,29 +93,49 @@ def free_port() -> int:
 
 
 def spawn_local(job: Callable[[], Any], nprocs: int, logging_config: dict | None) -> Any:
-    """`nprocs` ranks on this machine; one failing fails all, with its traceback; signals are passed on."""
+    """`nprocs` ranks on this machine; one failing fails all, with its traceback; signals are passed on.
+
+    The ranks start with SIGINT ignored and leave the terminal's process group (see _spawned_rank),
+    so a Ctrl-C reaches each rank once, forwarded from here, rather than twice (from the terminal
+    and from here), which a rank would take for the second Ctrl-C that aborts. After a second
+    one this process waits for the ranks to end their MLflow run, then raises KeyboardInterrupt.
+    """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    context = mp.start_processes(
-        _spawned_rank, args=(nprocs, port, job, logging_config, results), nprocs=nprocs,
-        join=False, start_method="spawn",
-    )
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks as they start
+    try:
+        context = mp.start_processes(
+            _spawned_rank, args=(nprocs, port, job, logging_config, results, os.getpid()), nprocs=nprocs,
+            join=False, start_method="spawn",
+        )
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+    received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
         log.warning("received %s: passing it on to the %d ranks", signal.Signals(signum).name, nprocs)
         for pid in context.pids():
             os.kill(pid, signum)
+
+    def aborted() -> bool:  # a SIGINT after any stop signal: the ranks stop at once, as StopSignals does
+        return signal.SIGINT in received[1:]
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         while not context.join():
             pass
+    except Exception:
+        if not aborted():  # a rank left waiting in a collective by an aborted rank 0 fails: not news
+            raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if aborted():
+        raise KeyboardInterrupt
     outcome, value = results.get()
     if outcome == "exit":  # rank 0 stopped on purpose (a preemption checkpoint): leave the same way
         raise SystemExit(value)
@@ -118,9 +143,13 @@ def spawn_local(job: Callable[[], Any], nprocs: int, logging_config: dict | None
 
 
 def _spawned_rank(
-    local_rank: int, nprocs: int, port: int, job: Callable[[], Any], logging_config: dict | None, results: Any
+    local_rank: int, nprocs: int, port: int, job: Callable[[], Any], logging_config: dict | None, results: Any,
+    parent: int,
 ) -> None:
-    """Body of one spawned rank: the env:// variables, the parent's logging, then the job."""
+    """Body of one spawned rank: its own process group, death with the parent, the env:// variables, the job."""
+    os.setpgrp()  # out of the terminal's group: Ctrl-C comes through the parent (see spawn_local)
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored only while the rank started
     _export_rank(local_rank, nprocs, port)
     if logging_config:
         logging.config.dictConfig(logging_config)
@@ -130,8 +159,30 @@ def _spawned_rank(
         if local_rank == 0:
             results.put(("exit", stop.code))
         return
+    except KeyboardInterrupt:  # a second Ctrl-C: the parent reports it
+        return
     if local_rank == 0:
         results.put(("result", value))
+
+
+def die_with_parent(parent: int) -> None:
+    """Have this process killed when `parent` dies, kill -9 included, so no rank trains on as an orphan
+    (racing the ranks of a resume for the same run dir).
+
+    Linux's parent-death signal where there is one, else a thread that polls for the parent.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _export_rank(rank: int, nprocs: int, port: int) -> None:

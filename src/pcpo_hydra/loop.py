@@ -254,12 +254,14 @@ class Trainer:
         )
         if self.tracker is None or epoch <= self.logged_through:
             return
-        self.tracker.log_metrics(metrics, step=epoch)
+        # The grid before the metrics: a resume re-logs the epochs after the last logged reward, so a
+        # kill between the two then repeats a grid rather than losing it for good.
         every = self.cfg.log_images_every
         if every and (epoch % every == 0 or epoch == self.cfg.epochs):
             shown = slice(0, GRID_IMAGES)
             captions = [f"{p} | {r:.3g}" for p, r in zip(traj.prompts[shown], traj.rewards[shown].tolist())]
             self.tracker.log_image_grid(traj.images[shown].float().cpu(), captions, step=epoch)
+        self.tracker.log_metrics(metrics, step=epoch)
 
     def maybe_checkpoint(self, epoch: int) -> None:
         every = self.cfg.checkpoint_every

@@ -12,9 +12,14 @@ import fcntl
 import functools
 import json
 import logging
+import os
+import random
+import re
+import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +37,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI then opens the model-training view
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 IMAGE_KEY = "samples"  # the UI's per-step image view groups grids under this key
+PID_TAG, HOST_TAG = "pcpo.pid", "pcpo.host"  # the process logging a run, so a later start can tell it died
+STALE_TAG = "pcpo.closed_stale"  # why a later start ended a run left RUNNING
+RESUME_TAG = re.compile(r"resume_(\d+)_overrides")
 
 # MLflow's own limits (mlflow.utils.validation): longer values or larger batches are rejected.
 PARAM_VALUE_MAX = 6000
@@ -140,6 +148,43 @@ def open_client(tracking_uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=tracking_uri)
 
 
+@contextmanager
+def unseeded_random() -> Iterator[None]:
+    """Python's `random` drawn from fresh entropy inside, restored to its seeded state afterwards.
+
+    Training seeds `random`, so MLflow's random run names would otherwise repeat for every run
+    with the same seed; restoring keeps the training streams exactly as seeded.
+    """
+    state = random.getstate()
+    random.seed()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def process_namespace() -> str:
+    """Where a pid means one process: the host name, and on Linux its boot and pid namespace."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return " ".join(parts)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists here (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _LockRetryingClient:
     """An MlflowClient whose every method retries on a locked sqlite store, and names the store
     (`database`) when a write fails for want of disk."""
@@ -202,17 +247,55 @@ class MLflowTracker:
         if self._run_id is not None and not self._ended:
             raise RuntimeError(f"MLflow run {self._run_id} is still active: end() it before start()")
         if run_id is None:
-            run = self._client.create_run(self._experiment_id(), run_name=self.run_name)
+            experiment_id = self._experiment_id()
+            with unseeded_random():  # MLflow draws its run names from `random`, which training seeded
+                run = self._client.create_run(experiment_id, run_name=self.run_name)
             self._run_id = run.info.run_id
             self._log_params(params)
             self._log_tags(tags)
         else:
             existing = self._existing_run(run_id)
+            experiment_id = existing.info.experiment_id
             self._run_id = run_id
             self._client.update_run(run_id, status="RUNNING")
             self._log_tags({key: value for key, value in tags.items() if key not in existing.data.tags})
         self._ended = False
+        self._log_tags({PID_TAG: str(os.getpid()), HOST_TAG: process_namespace()})
+        self.close_stale_runs(experiment_id, tags.get("run_dir"))
         return self._run_id
+
+    def tag_resume(self, overrides: Sequence[str]) -> str:
+        """Record this launch's overrides on the resumed run as resume_<n>_overrides (n = 1, 2, ...); return the key."""
+        tags = self._client.get_run(self._active_run()).data.tags
+        done = [int(match.group(1)) for match in map(RESUME_TAG.fullmatch, tags) if match]
+        key = f"resume_{max(done, default=0) + 1}_overrides"
+        self._log_tags({key: " ".join(overrides) or "(none)"})
+        return key
+
+    def close_stale_runs(self, experiment_id: str, run_dir: str | None) -> list[str]:
+        """End as KILLED the experiment's other RUNNING runs whose process is gone; return their ids.
+
+        Gone means: the run was logged from `run_dir`, which this process holds locked (so nothing
+        else trains there now), or by a process of this host (and pid namespace) that has exited.
+        Runs a kill -9, an OOM kill or a lost machine left RUNNING are then closed at the next start.
+        """
+        here = process_namespace()
+        closed = []
+        for run in self._client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            tags = run.data.tags
+            if run.info.run_id == self._run_id:
+                continue
+            if run_dir is not None and tags.get("run_dir") == run_dir:
+                reason = f"its run dir {run_dir} was taken over by run {self._run_id}"
+            elif tags.get(HOST_TAG) == here and PID_TAG in tags and not pid_alive(int(tags[PID_TAG])):
+                reason = f"its process {tags[PID_TAG]} on this host had ended when run {self._run_id} started"
+            else:
+                continue
+            self._client.set_tag(run.info.run_id, STALE_TAG, reason)
+            self._client.set_terminated(run.info.run_id, status="KILLED")
+            log.warning("MLflow run %s was left RUNNING; marked KILLED: %s", run.info.run_id, reason)
+            closed.append(run.info.run_id)
+        return closed
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED; a second call, or one before start, does nothing."""

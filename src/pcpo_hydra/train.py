@@ -6,6 +6,7 @@ Everything heavy is imported inside `run`, after validation, so `--help` and `--
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from pcpo_hydra.checkpoint import latest_checkpoint
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.config.command_line import command_line_problems
+from pcpo_hydra.config.resume import resumed_config
+from pcpo_hydra.preemption import interrupted_message, resume_command
 from pcpo_hydra.preflight import preflight
 from pcpo_hydra.writes import WriteFailed
 
@@ -57,25 +60,41 @@ def config_error(error: ConfigError) -> NoReturn:
 def train(cfg: DictConfig) -> float:
     """Train one run; returns the final mean reward (what a Hydra sweeper optimises)."""
     try:
-        cfg = validate(cfg)
-        preflight(cfg, Path(HydraConfig.get().runtime.output_dir))
+        cfg = validate(resumed_config(cfg) if cfg.resume is not None else cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        preflight(cfg, run_dir)
     except ConfigError as exc:
         config_error(exc)
+    from pcpo_hydra.run_lock import RunDirBusy, hold_run_dir
+
+    try:
+        with hold_run_dir(run_dir):  # before the heavy imports: a second process on this run dir fails at once
+            return launch_run(cfg, run_dir)
+    except RunDirBusy as exc:
+        print(f"pcpo-train: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # a second Ctrl-C; the first stops after the epoch, checkpointed
+        print(interrupted_message(run_dir), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def launch_run(cfg: DictConfig, run_dir: Path) -> float:
+    """Launch the run's ranks in `run_dir`; a failure whose message says what to do ends in that line."""
     from pcpo_hydra.build import run
+    from pcpo_hydra.checkpoint import CheckpointError
     from pcpo_hydra.distributed import LaunchError, launch
     from pcpo_hydra.models.loading import ModelLoadError
 
     hydra_cfg = HydraConfig.get()
     choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}
-    job = partial(run, cfg, Path(hydra_cfg.runtime.output_dir), choices, list(hydra_cfg.overrides.task),
-                  job_tags(hydra_cfg))
+    job = partial(run, cfg, run_dir, choices, list(hydra_cfg.overrides.task), job_tags(hydra_cfg))
     try:
         return launch(job, cfg.hardware, OmegaConf.to_container(hydra_cfg.job_logging, resolve=True))
-    except (ModelLoadError, LaunchError) as exc:  # its message says what to do; a traceback would bury it
+    except (ModelLoadError, LaunchError, CheckpointError) as exc:  # a traceback would bury the message
         print(f"pcpo-train: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except WriteFailed as exc:
-        print(f"pcpo-train: {exc}; {after_write_failure(Path(hydra_cfg.runtime.output_dir))}", file=sys.stderr)
+        print(f"pcpo-train: {exc}; {after_write_failure(run_dir)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -84,7 +103,7 @@ def after_write_failure(run_dir: Path) -> str:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return "free space (or raise ulimit -f), then start the run again"
-    return (f"free space (or raise ulimit -f), then `pcpo-train resume={run_dir}` continues from "
+    return (f"free space (or raise ulimit -f), then `{resume_command(run_dir)}` continues from "
             f"{checkpoint.name}, the last complete checkpoint")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pcpo_hydra.checkpoint import latest_checkpoint
+from pcpo_hydra.checkpoint import intact_checkpoint
 from pcpo_hydra.config.checks import violations
 from pcpo_hydra.config.schemas import GROUP_SCHEMAS, RunSchema, schema_for
 
@@ -118,12 +118,22 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
             f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
         )
-    if cfg.resume is not None and latest_checkpoint(Path(cfg.resume)) is None:
-        problems.append(
-            f"resume={cfg.resume!r}: no complete checkpoint in its checkpoints/ folder "
-            "(give the run directory of a run that saved one; see checkpoint_every)"
-        )
+    problems.extend(resume_problems(cfg.resume))
     return problems
+
+
+def resume_problems(resume: str | None) -> list[str]:
+    """A run dir to resume must hold a checkpoint that loads: its newest intact one is used."""
+    if resume is None:
+        return []
+    checkpoint, damaged = intact_checkpoint(Path(resume))
+    if checkpoint is not None:
+        return []
+    if damaged:
+        return [f"resume={resume!r}: no intact checkpoint ({'; '.join(damaged)}); "
+                "restore the file or start a new run"]
+    return [f"resume={resume!r}: no complete checkpoint in its checkpoints/ folder "
+            "(give the run directory of a run that saved one; see checkpoint_every)"]
 
 
 def check_tree(cfg: DictConfig, schema: type, groups: Iterable[str]) -> DictConfig:
