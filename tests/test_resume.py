@@ -89,9 +89,10 @@ def test_a_resume_that_would_change_what_was_trained_is_refused_naming_the_overr
     result = cli(store, f"resume={run_dir}", override)
     elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stdout[-3000:]
-    problems = [line for line in result.stdout.splitlines() if line.startswith("  - ")]
-    assert len(problems) == 1, result.stdout
-    assert problems[0].startswith(f"  - {override}: a resume cannot change what the run trained ({changed}")
+    problems = [line for line in result.stdout.splitlines() if line.startswith(("  - ", "pcpo-train: invalid"))]
+    assert len(problems) == 1, result.stdout  # one problem: reported on one line
+    assert problems[0].startswith(f"pcpo-train: invalid configuration: {override}: a resume cannot change what "
+                                  f"the run trained ({changed}")
     assert "start a new run for it (a resume may change only epochs, checkpoint_every" in problems[0]
     assert "Traceback" not in result.stdout
     print(f"{override}: refused in {elapsed:.1f} s")
