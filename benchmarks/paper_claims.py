@@ -75,7 +75,8 @@ ARMS = {
     "+log_hinge": ["algorithm=grpo", "algorithm.objective=log_hinge"],
     "+matching": ["algorithm=grpo", "algorithm.objective=log_hinge", "algorithm.log_ratio=matching"],
     "+proportional": ["algorithm=pcpo"],
-    # DDIM's open question (DESIGN.md): proportional credit by changing the stds, or by reweighting
+    # DDIM's credit mode (docs/design.md, "Credit weights"): proportional credit by changing the stds,
+    # or by reweighting
     "pcpo_variance": ["algorithm=pcpo", "algorithm.credit_mode=variance"],
     "pcpo_reweight": ["algorithm=pcpo", "algorithm.credit_mode=reweight"],
 }

@@ -1,4 +1,4 @@
-"""Flow SDE samplers: DESIGN's formulas by hand, schedules against diffusers, PCPO credit, config."""
+"""Flow SDE samplers: docs/design.md's formulas by hand, schedules against diffusers, PCPO credit, config."""
 
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def schedule() -> torch.Tensor:
 
 
 def dance_by_hand(i: int, eta: float, sigmas: list[float] = SIGMAS) -> tuple[float, float, float]:
-    """DESIGN's DanceGRPO a, b, s in plain floats."""
+    """DanceGRPO's a, b, s (docs/design.md, "The three samplers' coefficients") in plain floats."""
     sigma, ds = sigmas[i], sigmas[i + 1] - sigmas[i]
     return (1 + eta**2 * ds / (2 * sigma), ds * (1 + eta**2 * (1 - sigma) / (2 * sigma)), eta * math.sqrt(-ds))
 
 
 def flow_by_hand(i: int, noise_level: float, sigmas: list[float] = SIGMAS) -> tuple[float, float, float]:
-    """DESIGN's Flow-GRPO a, b, s in plain floats, sigma_i' = sigmas[1] where sigma_i = 1."""
+    """Flow-GRPO's a, b, s (docs/design.md) in plain floats, sigma_i' = sigmas[1] where sigma_i = 1."""
     sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
     std = noise_level * math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma)))
     return (1 + std**2 * dt / (2 * sigma), (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt, std * math.sqrt(-dt))
@@ -94,7 +94,7 @@ def test_first_and_last_step_values_worked_out_on_paper():
 
 
 def test_dancegrpo_step_equals_its_score_form():
-    # The reference writes the step as an Euler step plus a score correction; DESIGN folds it into a, b.
+    # The reference writes the step as an Euler step plus a score correction; docs/design.md folds it into a, b.
     sampler, (x, v, z) = DanceGRPOSampler(schedule(), 0.3), inputs(torch.float64)
     for i in range(4):
         sigma, ds = SIGMAS[i], SIGMAS[i + 1] - SIGMAS[i]

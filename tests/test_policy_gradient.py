@@ -53,7 +53,7 @@ def test_no_change_gives_zero_log_ratio_and_the_first_order_gradient(objective, 
 
 
 def formula_loss(objective, scale, b, s, z, d, adv, eps):
-    """DESIGN's loss in float64, written out independently of the package."""
+    """The loss of docs/design.md ("Objectives: GRPO and PCPO") in float64, written out independently of the package."""
     log_rho = ((b / s) * z * d - b**2 / (2 * s**2) * d**2).flatten(1).mean(1)
     r = scale * log_rho
     if objective == "ratio":

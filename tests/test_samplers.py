@@ -1,4 +1,4 @@
-"""DDIM sampler: coefficients, step and log-prob against DESIGN's formulas and diffusers' own step."""
+"""DDIM sampler: coefficients, step and log-prob against docs/design.md's formulas and diffusers' own step."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def scheduler() -> DDIMScheduler:
 
 
 def hand_coefficients(scheduler: DDIMScheduler, t: int, eta: float) -> tuple[float, float, float]:
-    """DESIGN's DDIM a, b, sigma for training timestep t with 50 steps, in plain Python floats."""
+    """docs/design.md's DDIM a, b, sigma for training timestep t with 50 steps, in plain Python floats."""
     alphas = scheduler.alphas_cumprod.tolist()
     t_prev = t - 1000 // 50
     at = alphas[t]

@@ -53,7 +53,7 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     if algorithm.policy.kl_beta:
         model.keep_reference()
     sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))
-    optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, ~5x faster a step on CPU
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors instead of one per tensor
         model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,
     )

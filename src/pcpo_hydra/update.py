@@ -92,7 +92,7 @@ def update_policy(
                     )
                     bad = _any_rank(not torch.isfinite(loss).item(), accelerator)
                     accelerator.backward(_zero_loss(params) if bad else loss * weight)
-                    if accelerator.sync_gradients:  # only here: the wrapped step costs ~1 ms even as a no-op
+                    if accelerator.sync_gradients:  # only here: the wrapped step is not free even as a no-op
                         norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
                         grad_norms.append(norm)
                         if norm is None or math.isfinite(float(norm)):  # DeepSpeed (None) stepped in backward

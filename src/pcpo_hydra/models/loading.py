@@ -83,7 +83,7 @@ def _first_line(error: BaseException) -> str:
 def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     """Why the hub endpoint takes no TCP connection within `timeout_s`, or None if it does.
 
-    Without this, a machine with no route to the hub spends ~30 s in huggingface_hub's retries per
+    Without this, a machine with no route to the hub waits through huggingface_hub's retries for each
     file before the same error. Behind an HTTP(S) proxy a direct connection proves nothing: no probe.
     """
     import os

@@ -3,9 +3,8 @@
 Kept in SD3.5-Medium's shape where it costs little: two CLIP encoders of different widths (as L and
 G differ) whose side-by-side states T5's wider ones pad, a 16-channel VAE with SD3's scaling and
 shift, and an MMDiT with RMS q/k norms and one dual-attention block (MMDiT-X) ahead of a final
-context-pre-only block, so every LoRA target of conf/model/sd35_medium.yaml exists. A guided
-prediction on 32 latents of 32 px images (one forward on 64) costs a little less than the tiny SD
-UNet's: ~33 ms vs ~41 ms, ~87 ms vs ~127 ms with the backward pass (2 CPU cores).
+context-pre-only block, so every LoRA target of conf/model/sd35_medium.yaml exists. It is sized so
+that a guided prediction costs no more than the tiny SD UNet's, keeping its CPU runs as short.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ class DDIMSampler(BaseSampler):
     t_prev = t - num_train_timesteps // num_steps as in diffusers' own step.
     """
 
-    # DESIGN leaves DDIM's mode to measurement (the paper used variance). On the tiny SD, variance
-    # mode shrinks early-step stds to 0.2-0.3 sigma and its reward stayed flat for 24 epochs where
-    # reweight's rose clearly (README, "Credit mode on DDIM"); variance stays one override away.
+    # The paper used variance mode for DDIM; variance mode shrinks the early steps' stds, so rollouts
+    # explore less where the image is decided, and it trained slower here (docs/design.md, "Credit
+    # weights"; benchmarks/results/paper_claims.md). Variance stays one override away.
     default_credit_mode = "reweight"
 
     def __init__(self, scheduler: Any, num_steps: int, eta: float = 1.0) -> None:

@@ -7,8 +7,9 @@ step's std s (so PCPO's variance mode can move s), with d = sigma_{i+1} - sigma_
 
     a(s) = 1 - s^2 / (2 sigma_i),    b(s) = d - s^2 (1 - sigma_i) / (2 sigma_i)
 
-DanceGRPO's a and b follow by eta^2 = s^2 / (-d), Flow-GRPO's by std^2 = s^2 / (-d); DESIGN's
-per-family formulas are these at each family's native s. The credit weight is then
+DanceGRPO's a and b follow by eta^2 = s^2 / (-d), Flow-GRPO's by std^2 = s^2 / (-d); the
+per-family formulas of docs/design.md ("The three samplers' coefficients") are these at each
+family's native s. The credit weight is then
 |b| / s^2 = -d / s^2 + (1 - sigma_i) / (2 sigma_i), falling monotonically in s.
 
 Where the schedule comes from: a flow model adapter implements `FlowModel.flow_sigmas(num_steps)`,
