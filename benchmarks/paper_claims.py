@@ -61,8 +61,8 @@ EXPERIMENT = "pcpo-hydra-paper-claims"
 WORLD_MODELS = {"ddim": "sd", "dancegrpo": "sd3"}  # pretraining folder each setting's model loads
 # The paper's two sampler families, each on its base model of the world, trained for DDPO's JPEG
 # compressibility. Caption agreement (reward=world_all) left neither anything it learns in 30 epochs
-# at this size (README): the world SD already draws colour, size and shape close to the world's own
-# renders and ignores position, and the world SD3's 3 x 30 runs ended where they began (0.836). So the
+# at this size (benchmarks/results/world_models.md): the world SD already draws colour, size and
+# shape close to the world's own renders and ignores position, and the world SD3's 3 x 30 runs ended where they began (0.836). So the
 # runs compress, and eval/caption_agreement measures what that costs the captions.
 SETTINGS = {
     "ddim": ["model=world_sd", "sampler=ddim", "prompts=world", "reward=jpeg_compressibility"],

@@ -1,7 +1,7 @@
 """Every bad input or missing piece of the machine fails fast: exit 2, one line naming the key, the value and the fix.
 
 Most tests run the real `pcpo-train` command and bound its time to fail generously (CI is loaded);
-the times measured on a 2-core machine are in the README's Validation table.
+the times measured on a 2-core machine are in docs/running.md's Validation table.
 """
 
 from __future__ import annotations
