@@ -62,8 +62,9 @@ WORLD_MODELS = {"ddim": "sd", "dancegrpo": "sd3"}  # pretraining folder each set
 # The paper's two sampler families, each on its base model of the world, trained for DDPO's JPEG
 # compressibility. Caption agreement (reward=world_all) left neither anything it learns in 30 epochs
 # at this size (benchmarks/results/world_models.md): the world SD already draws colour, size and
-# shape close to the world's own renders and ignores position, and the world SD3's 3 x 30 runs ended where they began (0.836). So the
-# runs compress, and eval/caption_agreement measures what that costs the captions.
+# shape close to the world's own renders and ignores position, and the world SD3's 3 x 30 runs ended
+# where they began (0.836). So the runs compress, and eval/caption_agreement measures what that
+# costs the captions.
 SETTINGS = {
     "ddim": ["model=world_sd", "sampler=ddim", "prompts=world", "reward=jpeg_compressibility"],
     "dancegrpo": ["model=world_sd3", "sampler=dancegrpo_sde", "prompts=world", "reward=jpeg_compressibility"],
