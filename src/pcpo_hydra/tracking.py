@@ -34,7 +34,9 @@ from pcpo_hydra.writes import written
 
 ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite file: where its new experiments keep artifacts
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI then opens the model-training view
+# MLflow's mark of a model-training experiment. MLflow 3.17's UI does not open its view by it: it
+# follows the browser's GenAI | Model training sidebar switch (README, "Browsing runs in MLflow").
+EXPERIMENT_KIND = "custom_model_development"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 IMAGE_KEY = "samples"  # the UI's per-step image view groups grids under this key
 PID_TAG, HOST_TAG = "pcpo.pid", "pcpo.host"  # the process logging a run, so a later start can tell it died
