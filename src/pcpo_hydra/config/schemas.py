@@ -23,6 +23,8 @@ from pcpo_hydra.world import grammar as world
 
 @dataclass
 class LoraSchema:
+    """`model.lora`: LoRA adapters on a frozen base; also the settings models.trainable attaches them by."""
+
     enabled: bool = MISSING
     rank: int = checked(positive())
     alpha: float = checked(positive())
