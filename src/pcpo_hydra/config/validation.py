@@ -55,25 +55,23 @@ def _joined(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _schema_field(schema: type, dotted: str) -> tuple[Field | None, Any]:
-    """The dataclass field at `dotted` below `schema` and its type (None, Any past a field no schema types)."""
+def _field_at(schema: type, dotted: str) -> tuple[Field | None, Any]:
+    """The dataclass field at `dotted` below `schema` and its declared type (None, Any where no schema types it)."""
     found: Field | None = None
-    kind: Any = schema
+    hint: Any = schema
     for name in dotted.split("."):
-        kind = _unwrap_optional(kind)
-        if not is_dataclass(kind):
-            return None, Any
-        found = {f.name: f for f in fields(kind)}.get(name)
+        kind = _unwrap_optional(hint)
+        found = {f.name: f for f in fields(kind)}.get(name) if is_dataclass(kind) else None
         if found is None:
             return None, Any
-        kind = get_type_hints(kind)[name]
-    return found, _unwrap_optional(kind)
+        hint = get_type_hints(kind)[name]
+    return found, hint
 
 
-def _unwrap_optional(kind: Any) -> Any:
-    if get_origin(kind) is Union:
-        return next(arg for arg in get_args(kind) if arg is not type(None))
-    return kind
+def _unwrap_optional(hint: Any) -> Any:
+    if get_origin(hint) is Union:
+        return next(arg for arg in get_args(hint) if arg is not type(None))
+    return hint
 
 
 _TYPE_WORDS = {bool: "true or false", str: "a string", int: "an integer", float: "a number",
@@ -82,7 +80,8 @@ _TYPE_WORDS = {bool: "true or false", str: "a string", int: "an integer", float:
 
 def _wanted(schema: type, dotted: str) -> str:
     """What a missing key takes, in an error message's words: its constraint, else its type (and null if allowed)."""
-    found, kind = _schema_field(schema, dotted)
+    found, hint = _field_at(schema, dotted)
+    kind = _unwrap_optional(hint)
     constraint = found.metadata.get("constraint") if found is not None else None
     if constraint is not None:
         allowed = constraint.allowed
@@ -92,20 +91,13 @@ def _wanted(schema: type, dotted: str) -> str:
         allowed = "a config node"
     else:
         allowed = _TYPE_WORDS.get(get_origin(kind) or kind, f"a {getattr(kind, '__name__', kind)}")
-    nullable = found is not None and type(None) in get_args(get_type_hints(_owner(schema, dotted))[found.name])
-    return allowed + (" or null" if nullable else "")
-
-
-def _owner(schema: type, dotted: str) -> type:
-    """The dataclass that declares the last part of `dotted`."""
-    parent = dotted.rpartition(".")[0]
-    return schema if not parent else _schema_field(schema, parent)[1]
+    return allowed + (" or null" if type(None) in get_args(hint) else "")
 
 
 def _allowed_keys(schema: type, full_key: str, key: str) -> str:
     """'; did you mean <key>? (allowed keys: ...)' for a key the node at `full_key` of `schema` lacks."""
     parent, _, name = full_key.rpartition(".")
-    node = _schema_field(schema, parent)[1] if parent else schema
+    node = _unwrap_optional(_field_at(schema, parent)[1]) if parent else schema
     allowed = [f.name for f in fields(node) if f.name != "_target_"] if is_dataclass(node) else []
     close = difflib.get_close_matches(name, allowed, n=1)
     prefix = key.rpartition(".")[0]
