@@ -262,9 +262,9 @@ class DeepSpeedSchema:
     """ZeRO through Accelerate's DeepSpeed plugin; `null` in place of this node trains without DeepSpeed."""
 
     stage: int = checked(one_of(0, 1, 2, 3))
-    offload_optimizer: bool = MISSING   # optimizer states (and the step) in CPU memory
-    offload_params: bool = MISSING      # parameters in CPU memory between uses (stage 3 only)
-    overlap_comm: bool = MISSING         # overlap gradient reduction with the backward pass
+    offload_optimizer: bool = MISSING  # optimizer states (and the step) in CPU memory
+    offload_params: bool = MISSING     # parameters in CPU memory between uses (stage 3 only)
+    overlap_comm: bool = MISSING       # overlap gradient reduction with the backward pass
     contiguous_gradients: bool = MISSING
     reduce_bucket_size: int = checked(positive())     # elements per gradient reduction
     allgather_bucket_size: int = checked(positive())  # elements per parameter all-gather
