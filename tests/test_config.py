@@ -92,6 +92,8 @@ def test_grpo_and_pcpo_differ_in_exactly_the_three_switches(compose_cfg):
         (["model=sd35_medium", "model.max_sequence_length=0"], "model.max_sequence_length=0: must be a number > 0"),
         (["model=tiny_sd3", "+model.guidance=2"], "model.guidance: Key 'guidance' not in 'TinySD3Schema'"),
         (["model.offload_text_encoders=maybe"], "model.offload_text_encoders"),
+        (["hardware=cpu2_zero2", "+hardware.deepspeed.stag=1"],
+         "hardware.deepspeed.stag: Key 'stag' not in 'DeepSpeedSchema'; did you mean hardware.deepspeed.stage?"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(compose_cfg, overrides, expected):

@@ -20,6 +20,8 @@ from pcpo_hydra.train import config_dir
 
 PROMPTS = ["a cat", "a hedgehog washing the dishes", "Zebra, riding a bike!"]
 TIMESTEPS = torch.tensor([1000.0, 613.5, 12.0])  # sigma * 1000, as the samplers give them
+# What a FluxPolicy built by hand takes beside its parts (the tiny model's sizes, FLUX.1-dev's guidance).
+SIZES = {"resolution": 32, "guidance_scale": 1.0, "guidance": 3.5, "max_sequence_length": 32}
 
 
 def yaml_lora(option: str) -> dict:
@@ -130,7 +132,7 @@ def test_transformer_without_guidance_embedding_gets_none(tiny: FluxPolicy) -> N
         transformer = FluxTransformer2DModel.from_config(config)
     model = FluxPolicy(
         transformer, tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.text_encoder_2, tiny.tokenizer_2,
-        tiny.scheduler, resolution=32, max_sequence_length=32,
+        tiny.scheduler, resolution=32, guidance_scale=1.0, guidance=3.5, max_sequence_length=32,
     )
     x, cond = inputs(model)
     expected = pipeline_velocity(model, x, TIMESTEPS, cond, guidance=None)
@@ -206,7 +208,7 @@ def test_gradient_checkpointing_reaches_the_transformer(tiny: FluxPolicy) -> Non
     parts = (tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.text_encoder_2, tiny.tokenizer_2, tiny.scheduler)
     with torch.random.fork_rng(devices=[]):
         transformer = FluxTransformer2DModel.from_config(tiny.transformer.config)
-    FluxPolicy(transformer, *parts, resolution=32, gradient_checkpointing=True)
+    FluxPolicy(transformer, *parts, **SIZES, gradient_checkpointing=True)
     assert transformer.gradient_checkpointing
 
 
@@ -232,7 +234,7 @@ def test_save_pretrained_refuses_lora(tmp_path: Path) -> None:
 def test_missing_local_dir_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_flux"
     with pytest.raises(ModelLoadError, match="no such local directory") as caught:
-        load_flux(str(missing))
+        load_flux(str(missing), resolution=32)
     assert str(missing) in str(caught.value) and "model.pretrained=" in str(caught.value)
     assert "text_encoder_2/" in str(caught.value)  # the FLUX layout, not SD's
 
@@ -241,10 +243,10 @@ def test_unreproduced_scheduler_is_refused(tiny: FluxPolicy) -> None:
     static = FlowMatchEulerDiscreteScheduler(shift=3.0)
     parts = (tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.text_encoder_2, tiny.tokenizer_2, static)
     with pytest.raises(ValueError, match=r"\{'use_dynamic_shifting': False\}"):
-        FluxPolicy(tiny.transformer, *parts, resolution=32)
+        FluxPolicy(tiny.transformer, *parts, **SIZES)
 
 
 def test_t5_length_beyond_flux_training_is_refused(tiny: FluxPolicy) -> None:
     parts = (tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.text_encoder_2, tiny.tokenizer_2, tiny.scheduler)
     with pytest.raises(ValueError, match=r"model\.max_sequence_length must be in 1\.\.512, got 513"):
-        FluxPolicy(tiny.transformer, *parts, resolution=32, max_sequence_length=513)
+        FluxPolicy(tiny.transformer, *parts, **{**SIZES, "max_sequence_length": 513})

@@ -177,7 +177,8 @@ def test_flow_sigmas_are_the_pipelines_schedule(tiny: SD3Policy, num_steps: int)
 def test_scheduler_with_another_schedule_is_refused(tiny: SD3Policy) -> None:
     dynamic = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     with pytest.raises(ValueError, match="use_dynamic_shifting"):
-        SD3Policy(tiny.transformer, tiny.vae, tuple(tiny.text_encoders()), tiny.tokenizers, dynamic)
+        SD3Policy(tiny.transformer, tiny.vae, tuple(tiny.text_encoders()), tiny.tokenizers, dynamic,
+                  guidance_scale=4.5, max_sequence_length=TOKENS)
 
 
 # ---- trainable weights -----------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_save_pretrained_refuses_lora(tmp_path: Path) -> None:
 def test_missing_local_dir_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_pipeline"
     with pytest.raises(ModelLoadError, match="no such local directory") as caught:
-        load_sd3(str(missing))
+        load_sd3(str(missing), max_sequence_length=TOKENS)
     assert str(missing) in str(caught.value) and "model.pretrained=" in str(caught.value)
 
 
@@ -265,11 +266,11 @@ def test_missing_component_is_named(saved: Path, tmp_path: Path) -> None:
     shutil.rmtree(copy / "text_encoder_3")
     with pytest.raises(ModelLoadError, match=r"the text_encoder_3 of model .* no text_encoder_3/ subfolder.*"
                                              r"model\.pretrained=.*transformer/"):
-        load_sd3(str(copy))
+        load_sd3(str(copy), max_sequence_length=TOKENS)
 
 
 def test_bad_resolution_is_named(saved: Path) -> None:
     with pytest.raises(ValueError, match=r"model\.resolution=30 must be a positive multiple of 4"):
         build_tiny_sd3(resolution=30)  # not whole 2x2 patches of the factor-2 latent
     with pytest.raises(ValueError, match=r"model\.resolution=36 .* at most 32"):
-        load_sd3(str(saved), resolution=36)  # more patches per side than the position table holds
+        load_sd3(str(saved), resolution=36, max_sequence_length=TOKENS)  # more patches per side than the position table holds

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Iterator
 
+from omegaconf import MISSING
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -41,9 +43,12 @@ def one_of(*choices: Any) -> Constraint:
     return Constraint(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
-def checked(default: Any, constraint: Constraint, *, doc: str = "") -> Any:
-    """A dataclass field whose value must satisfy `constraint` (None is always left alone)."""
-    return field(default=default, metadata={"constraint": constraint, "doc": doc})
+def checked(constraint: Constraint) -> Any:
+    """A required dataclass field whose value must satisfy `constraint` (None is always left alone).
+
+    Required (MISSING): its default is written once, in the YAML under conf/.
+    """
+    return field(default=MISSING, metadata={"constraint": constraint})
 
 
 def violations(node: Any, prefix: str) -> Iterator[str]:

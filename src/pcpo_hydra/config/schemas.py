@@ -1,12 +1,14 @@
 """Schemas of every config node. A group's node is checked against the schema its `_target_` names.
 
-Only plain dataclasses here (no torch), so validation runs in well under a second, before any
-model is built. Field defaults mirror conf/; the YAML files stay the source of every default.
+Only plain dataclasses here (no torch), so validation runs before any model is built. No field
+has a default (every one is MISSING, `???`): the YAML under conf/ is the one place a default is
+written, and a node that leaves a key out is refused naming the key. `_target_` is no default but
+the schema's identity: the key GROUP_SCHEMAS finds it by.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterator, Optional
 
 from omegaconf import MISSING
@@ -21,10 +23,12 @@ from pcpo_hydra.world import grammar as world
 
 @dataclass
 class LoraSchema:
-    enabled: bool = True
-    rank: int = checked(4, positive())
-    alpha: float = checked(4.0, positive())
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """`model.lora`: LoRA adapters on a frozen base; also the settings models.trainable attaches them by."""
+
+    enabled: bool = MISSING
+    rank: int = checked(positive())
+    alpha: float = checked(positive())
+    target_modules: list[str] = MISSING
 
 
 @dataclass
@@ -32,28 +36,28 @@ class PretrainedSchema:
     """Weights from a hub id or a local folder (models and rewards alike)."""
 
     pretrained: str = MISSING
-    revision: Optional[str] = None
+    revision: Optional[str] = MISSING
 
 
 @dataclass
 class PolicySchema:
     """What every model node takes: guidance, what trains, and whether text encoders leave the device."""
 
-    guidance_scale: float = checked(5.0, at_least(1.0))
-    offload_text_encoders: bool = False  # embed all prompts once (text cache), then unload the encoders
-    lora: LoraSchema = field(default_factory=LoraSchema)
+    guidance_scale: float = checked(at_least(1.0))
+    offload_text_encoders: bool = MISSING  # embed all prompts once (text cache), then unload the encoders
+    lora: LoraSchema = MISSING
 
 
 @dataclass
 class PretrainedPolicySchema(PretrainedSchema, PolicySchema):
-    resolution: int = checked(512, positive())
-    gradient_checkpointing: bool = False
+    resolution: int = checked(positive())
+    gradient_checkpointing: bool = MISSING
 
 
 @dataclass
 class TinyPolicySchema(PolicySchema):
-    seed: int = 0  # torch.manual_seed takes any int (the run's seed, bounded below, is what numpy sees)
-    resolution: int = checked(32, positive())
+    seed: int = MISSING  # torch.manual_seed takes any int (the run's seed, bounded below, is what numpy sees)
+    resolution: int = checked(positive())
 
 
 @dataclass
@@ -72,7 +76,7 @@ class TinyStableDiffusionSchema(TinyPolicySchema):
 class SD3Schema(PretrainedPolicySchema):
     FAMILY: ClassVar[str] = "flow"  # velocity prediction
     _target_: str = "pcpo_hydra.models.sd3.load_sd3"
-    max_sequence_length: int = checked(256, positive())  # T5 tokens
+    max_sequence_length: int = checked(positive())  # T5 tokens
 
 
 @dataclass
@@ -85,15 +89,15 @@ class TinySD3Schema(TinyPolicySchema):
 class FluxSchema(PretrainedPolicySchema):
     FAMILY: ClassVar[str] = "flow"
     _target_: str = "pcpo_hydra.models.flux.load_flux"
-    guidance: float = checked(3.5, at_least(0.0))  # the distilled guidance FLUX.1-dev embeds
-    max_sequence_length: int = checked(512, positive())  # T5 tokens
+    guidance: float = checked(at_least(0.0))  # the distilled guidance FLUX.1-dev embeds
+    max_sequence_length: int = checked(positive())  # T5 tokens
 
 
 @dataclass
 class TinyFluxSchema(TinyPolicySchema):
     FAMILY: ClassVar[str] = "flow"
     _target_: str = "pcpo_hydra.models.tiny_flux.build_tiny_flux"
-    guidance: float = checked(3.5, at_least(0.0))
+    guidance: float = checked(at_least(0.0))
 
 
 # -------------------------------------------------------------------------------------- sampler
@@ -103,25 +107,25 @@ class TinyFluxSchema(TinyPolicySchema):
 class DDIMSamplerSchema:
     FAMILY: ClassVar[str] = "diffusion"  # the model family it steps (epsilon prediction)
     _target_: str = "pcpo_hydra.samplers.build_ddim_sampler"
-    num_steps: int = checked(50, positive())
-    eta: float = checked(1.0, interval(0.0, 1.0, low_open=True))
+    num_steps: int = checked(positive())
+    eta: float = checked(interval(0.0, 1.0, low_open=True))
 
 
 @dataclass
 class DanceGRPOSamplerSchema:
     FAMILY: ClassVar[str] = "flow"  # velocity prediction
     _target_: str = "pcpo_hydra.samplers.build_dancegrpo_sampler"
-    num_steps: int = checked(16, positive())
-    eta: float = checked(0.3, positive())
-    shift: Optional[float] = checked(None, positive())  # None: the model's own schedule
+    num_steps: int = checked(positive())
+    eta: float = checked(positive())
+    shift: Optional[float] = checked(positive())  # None: the model's own schedule
 
 
 @dataclass
 class FlowGRPOSamplerSchema:
     FAMILY: ClassVar[str] = "flow"
     _target_: str = "pcpo_hydra.samplers.build_flowgrpo_sampler"
-    num_steps: int = checked(10, positive())
-    noise_level: float = checked(0.7, positive())
+    num_steps: int = checked(positive())
+    noise_level: float = checked(positive())
 
 
 # --------------------------------------------------------------------------------------- reward
@@ -130,23 +134,23 @@ class FlowGRPOSamplerSchema:
 @dataclass
 class JpegRewardSchema:
     _target_: str = MISSING
-    batch_size: int = checked(32, positive())
-    quality: int = checked(95, interval(1, 100))
+    batch_size: int = checked(positive())
+    quality: int = checked(interval(1, 100))
 
 
 @dataclass
 class RewardModelSchema:
     """What every reward with a network takes: how many images a call scores, where and in what dtype."""
 
-    batch_size: int = checked(32, positive())
-    device: str = "cpu"
-    dtype: str = checked("float32", one_of("float32", "float16", "bfloat16"))
+    batch_size: int = checked(positive())
+    device: str = MISSING
+    dtype: str = checked(one_of("float32", "float16", "bfloat16"))
 
 
 @dataclass
 class ClipScoreSchema(PretrainedSchema, RewardModelSchema):
     _target_: str = "pcpo_hydra.rewards.clip_score.ClipScore"
-    scale: float = checked(100.0, positive())
+    scale: float = checked(positive())
 
 
 @dataclass
@@ -183,13 +187,13 @@ class OcrSchema:
                    "(conda: conda install -c conda-forge tesseract; macOS: brew install tesseract)"),
     )
     _target_: str = "pcpo_hydra.rewards.ocr.OcrReward"
-    batch_size: int = checked(32, positive())
-    lang: str = "eng"
-    psm: int = checked(6, one_of(1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
-    thresholding: str = checked("sauvola", one_of("otsu", "leptonica_otsu", "sauvola"))
-    min_side: int = checked(256, at_least(0))
-    workers: int = checked(4, positive())
-    tesseract_cmd: Optional[str] = None
+    batch_size: int = checked(positive())
+    lang: str = MISSING
+    psm: int = checked(one_of(1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
+    thresholding: str = checked(one_of("otsu", "leptonica_otsu", "sauvola"))
+    min_side: int = checked(at_least(0))
+    workers: int = checked(positive())
+    tesseract_cmd: Optional[str] = MISSING
 
 
 @dataclass
@@ -198,8 +202,8 @@ class MultiRewardSchema:
 
     NESTED: ClassVar[dict[str, str]] = {"components": "reward"}  # field -> group its values belong to
     _target_: str = "pcpo_hydra.rewards.multi.MultiReward"
-    components: Dict[str, Any] = field(default_factory=dict)
-    weights: Dict[str, float] = field(default_factory=dict)
+    components: Dict[str, Any] = MISSING
+    weights: Dict[str, float] = MISSING
 
     def relations(self, prefix: str) -> Iterator[str]:
         """Every component needs a weight and every weight a component."""
@@ -214,13 +218,13 @@ class RemoteRewardSchema:
 
     NEEDS: ClassVar[tuple] = (RewardServer("url", "health_wait_s"),)
     _target_: str = "pcpo_hydra.rewards.remote.RemoteReward"
-    url: str = checked("http://127.0.0.1:8765", Constraint(
+    url: str = checked(Constraint(
         lambda v: v.startswith(("http://", "https://")), "an http:// or https:// URL"))
-    timeout_s: float = checked(120.0, positive())
-    retries: int = checked(8, at_least(0))
-    backoff_s: float = checked(1.0, at_least(0.0))
-    batch_size: int = checked(32, positive())
-    health_wait_s: Optional[float] = checked(5.0, at_least(0.0))  # null: the server is not asked before use
+    timeout_s: float = checked(positive())
+    retries: int = checked(at_least(0))
+    backoff_s: float = checked(at_least(0.0))
+    batch_size: int = checked(positive())
+    health_wait_s: Optional[float] = checked(at_least(0.0))  # null: the server is not asked before use
 
 
 # Shapes world (pcpo_hydra.world, conf/reward/world_*.yaml): every world reward takes only a batch size.
@@ -229,7 +233,7 @@ class RemoteRewardSchema:
 @dataclass
 class WorldRewardSchema:
     _target_: str = MISSING
-    batch_size: int = checked(32, positive())
+    batch_size: int = checked(positive())
 
 
 # ------------------------------------------------------------------------------------ algorithm
@@ -238,16 +242,16 @@ class WorldRewardSchema:
 @dataclass
 class AlgorithmSchema:
     _target_: str = "pcpo_hydra.algorithms.build.build_algorithm"
-    objective: str = checked("log_hinge", one_of("ratio", "log_hinge"))
-    log_ratio: str = checked("matching", one_of("direct", "matching"))
-    credit: str = checked("proportional", one_of("native", "proportional"))
-    credit_mode: Optional[str] = checked(None, one_of("variance", "reweight"))
-    clip_range: float = checked(1e-4, positive())
-    adv_clip_max: float = checked(5.0, positive())
-    kl_beta: float = checked(0.0, at_least(0.0))
-    advantage: str = checked("group", one_of("group", "per_prompt"))
-    stat_buffer_size: int = checked(32, positive())
-    stat_min_count: int = checked(16, positive())
+    objective: str = checked(one_of("ratio", "log_hinge"))
+    log_ratio: str = checked(one_of("direct", "matching"))
+    credit: str = checked(one_of("native", "proportional"))
+    credit_mode: Optional[str] = checked(one_of("variance", "reweight"))
+    clip_range: float = checked(positive())
+    adv_clip_max: float = checked(positive())
+    kl_beta: float = checked(at_least(0.0))
+    advantage: str = checked(one_of("group", "per_prompt"))
+    stat_buffer_size: int = checked(positive())
+    stat_min_count: int = checked(positive())
 
 
 # ------------------------------------------------------------------------- hardware, prompts, logger
@@ -257,13 +261,13 @@ class AlgorithmSchema:
 class DeepSpeedSchema:
     """ZeRO through Accelerate's DeepSpeed plugin; `null` in place of this node trains without DeepSpeed."""
 
-    stage: int = checked(2, one_of(0, 1, 2, 3))
-    offload_optimizer: bool = False   # optimizer states (and the step) in CPU memory
-    offload_params: bool = False      # parameters in CPU memory between uses (stage 3 only)
-    overlap_comm: bool = True         # overlap gradient reduction with the backward pass
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = checked(500_000_000, positive())     # elements per gradient reduction
-    allgather_bucket_size: int = checked(500_000_000, positive())  # elements per parameter all-gather
+    stage: int = checked(one_of(0, 1, 2, 3))
+    offload_optimizer: bool = MISSING  # optimizer states (and the step) in CPU memory
+    offload_params: bool = MISSING     # parameters in CPU memory between uses (stage 3 only)
+    overlap_comm: bool = MISSING       # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = MISSING
+    reduce_bucket_size: int = checked(positive())     # elements per gradient reduction
+    allgather_bucket_size: int = checked(positive())  # elements per parameter all-gather
 
     def relations(self, prefix: str) -> Iterator[str]:
         if self.offload_params and self.stage != 3:
@@ -274,29 +278,29 @@ class DeepSpeedSchema:
 class SlurmResourcesSchema:
     """What hydra/launcher=slurm (and =local) asks for; conf/hydra/launcher/*.yaml read these."""
 
-    nodes: int = checked(1, positive())
-    tasks_per_node: int = checked(1, positive())   # one training process per task
-    gpus_per_node: int = checked(0, at_least(0))
-    cpus_per_task: int = checked(2, positive())
-    mem_gb: int = checked(16, at_least(0))         # 0: all of the node's memory
-    timeout_min: int = checked(60, positive())
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    signal_delay_s: int = checked(120, positive())  # SIGUSR1 this long before the time limit
+    nodes: int = checked(positive())
+    tasks_per_node: int = checked(positive())   # one training process per task
+    gpus_per_node: int = checked(at_least(0))
+    cpus_per_task: int = checked(positive())
+    mem_gb: int = checked(at_least(0))         # 0: all of the node's memory
+    timeout_min: int = checked(positive())
+    partition: Optional[str] = MISSING
+    account: Optional[str] = MISSING
+    qos: Optional[str] = MISSING
+    signal_delay_s: int = checked(positive())  # SIGUSR1 this long before the time limit
 
 
 @dataclass
 class HardwareSchema:
-    device: str = checked("cpu", one_of("cpu", "cuda"))
-    mixed_precision: str = checked("no", one_of("no", "fp16", "bf16"))
-    num_threads: Optional[int] = checked(None, positive())
-    nodes: int = checked(1, positive())
-    processes_per_node: int = checked(1, positive())  # one per GPU; world size = nodes x this
-    backend: Optional[str] = checked(None, one_of("gloo", "nccl"))  # null: nccl on cuda, gloo on cpu
-    collective_timeout_min: int = checked(30, positive())  # a rank waiting longer on the others fails
-    deepspeed: Optional[DeepSpeedSchema] = None
-    slurm: SlurmResourcesSchema = field(default_factory=SlurmResourcesSchema)
+    device: str = checked(one_of("cpu", "cuda"))
+    mixed_precision: str = checked(one_of("no", "fp16", "bf16"))
+    num_threads: Optional[int] = checked(positive())
+    nodes: int = checked(positive())
+    processes_per_node: int = checked(positive())  # one per GPU; world size = nodes x this
+    backend: Optional[str] = checked(one_of("gloo", "nccl"))  # null: nccl on cuda, gloo on cpu
+    collective_timeout_min: int = checked(positive())  # a rank waiting longer on the others fails
+    deepspeed: Optional[DeepSpeedSchema] = MISSING
+    slurm: SlurmResourcesSchema = MISSING
 
     def relations(self, prefix: str) -> Iterator[str]:
         """The launcher's task layout must be the training world's."""
@@ -349,18 +353,18 @@ def _words_of(vocabulary: tuple[str, ...]) -> Constraint:
 @dataclass
 class WorldPromptsSchema:
     _target_: str = "pcpo_hydra.world.grammar.world_prompts"
-    colours: list[str] = checked(MISSING, _words_of(tuple(world.COLOURS)))
-    shapes: list[str] = checked(MISSING, _words_of(world.SHAPES))
-    sizes: list[str] = checked(MISSING, _words_of(tuple(world.SIZES)))
-    positions: list[str] = checked(MISSING, _words_of(tuple(world.POSITIONS)))
+    colours: list[str] = checked(_words_of(tuple(world.COLOURS)))
+    shapes: list[str] = checked(_words_of(world.SHAPES))
+    sizes: list[str] = checked(_words_of(tuple(world.SIZES)))
+    positions: list[str] = checked(_words_of(tuple(world.POSITIONS)))
 
 
 @dataclass
 class MLflowSchema:
     _target_: str = "pcpo_hydra.tracking.MLflowTracker"
-    tracking_uri: Optional[str] = None
-    experiment_name: str = "pcpo-hydra"
-    run_name: Optional[str] = None
+    tracking_uri: Optional[str] = MISSING
+    experiment_name: str = MISSING
+    run_name: Optional[str] = MISSING
 
 
 # ---------------------------------------------------------------------------------- top level
@@ -368,70 +372,70 @@ class MLflowSchema:
 
 @dataclass
 class RolloutSchema:
-    prompts_per_epoch: int = checked(8, positive())
-    group_size: int = checked(4, at_least(2))
-    batch_size: int = checked(16, positive())
+    prompts_per_epoch: int = checked(positive())
+    group_size: int = checked(at_least(2))
+    batch_size: int = checked(positive())
 
 
 @dataclass
 class TrainSchema:
-    batch_size: int = checked(8, positive())
-    inner_epochs: int = checked(1, positive())
-    timestep_fraction: float = checked(1.0, interval(0.0, 1.0, low_open=True))
-    num_updates: int = checked(1, positive())
-    steps_per_forward: int = checked(1, positive())
-    max_grad_norm: float = checked(1.0, positive())
-    max_nan_steps: int = checked(20, positive())  # micro-batches in a row with a non-finite loss before the run stops
+    batch_size: int = checked(positive())
+    inner_epochs: int = checked(positive())
+    timestep_fraction: float = checked(interval(0.0, 1.0, low_open=True))
+    num_updates: int = checked(positive())
+    steps_per_forward: int = checked(positive())
+    max_grad_norm: float = checked(positive())
+    max_nan_steps: int = checked(positive())  # micro-batches in a row with a non-finite loss before the run stops
 
 
 @dataclass
 class OptimSchema:
-    lr: float = checked(3e-4, positive())
-    weight_decay: float = checked(1e-4, at_least(0.0))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = checked(1e-8, positive())
+    lr: float = checked(positive())
+    weight_decay: float = checked(at_least(0.0))
+    betas: list[float] = MISSING
+    eps: float = checked(positive())
 
 
 @dataclass
 class RunSchema:
     """Top-level keys; the groups are checked by their own schemas (GROUP_SCHEMAS)."""
 
-    seed: int = checked(0, interval(0, 2**32 - 1))  # numpy's seeding takes no negative, nothing from 2**32
-    epochs: int = checked(20, positive())
-    resume: Optional[str] = None
-    run_name: Optional[str] = None
-    checkpoint_every: int = checked(5, at_least(0))
-    keep_checkpoints: int = checked(2, positive())
-    log_images_every: int = checked(5, at_least(0))
-    text_cache_dir: Optional[str] = None
-    rollout: RolloutSchema = field(default_factory=RolloutSchema)
-    train: TrainSchema = field(default_factory=TrainSchema)
-    optim: OptimSchema = field(default_factory=OptimSchema)
+    seed: int = checked(interval(0, 2**32 - 1))  # numpy's seeding takes no negative, nothing from 2**32
+    epochs: int = checked(positive())
+    resume: Optional[str] = MISSING
+    run_name: Optional[str] = MISSING
+    checkpoint_every: int = checked(at_least(0))
+    keep_checkpoints: int = checked(positive())
+    log_images_every: int = checked(at_least(0))
+    text_cache_dir: Optional[str] = MISSING
+    rollout: RolloutSchema = MISSING
+    train: TrainSchema = MISSING
+    optim: OptimSchema = MISSING
     # Group nodes: typed here as Any, then checked against the schema their `_target_` names.
-    model: Any = None
-    sampler: Any = None
-    reward: Any = None
-    algorithm: Any = None
-    hardware: Any = None
-    prompts: Any = None
-    logger: Any = None
+    model: Any = MISSING
+    sampler: Any = MISSING
+    reward: Any = MISSING
+    algorithm: Any = MISSING
+    hardware: Any = MISSING
+    prompts: Any = MISSING
+    logger: Any = MISSING
 
 
 @dataclass
 class ServerSchema:
-    host: str = "127.0.0.1"
-    port: int = checked(8765, interval(0, 65535))
-    max_batch: int = checked(32, positive())
-    max_wait_ms: float = checked(20.0, at_least(0.0))
+    host: str = MISSING
+    port: int = checked(interval(0, 65535))
+    max_batch: int = checked(positive())
+    max_wait_ms: float = checked(at_least(0.0))
 
 
 @dataclass
 class RewardServerSchema:
     """conf/reward_server.yaml; its reward and hardware groups are checked by GROUP_SCHEMAS."""
 
-    server: ServerSchema = field(default_factory=ServerSchema)
-    reward: Any = None
-    hardware: Any = None
+    server: ServerSchema = MISSING
+    reward: Any = MISSING
+    hardware: Any = MISSING
 
 
 # A group's schemas, keyed by the `_target_` a node names; None keys a group without `_target_`.

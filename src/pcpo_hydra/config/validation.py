@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from dataclasses import Field, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -34,10 +36,14 @@ def _typed(schema: type, node: DictConfig, prefix: str, problems: list[str]) -> 
     """Merge `node` onto its schema (types, unknown keys, missing values) and check field bounds."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:  # every key left out at once, each with what it takes
+            problems.extend(f"{_joined(prefix, key)}: is missing; set it to {_wanted(schema, key)}" for key in missing)
+            return None
         problems.extend(violations(OmegaConf.to_object(merged), prefix))
         return merged
     except OmegaConfBaseException as exc:
-        key = f"{prefix}.{exc.full_key}" if prefix and exc.full_key else prefix or exc.full_key
+        key = _joined(prefix, exc.full_key) if exc.full_key else prefix
         message = str(exc.msg).splitlines()[0]
         if isinstance(exc, ConfigKeyError):
             message += _allowed_keys(schema, str(exc.full_key), key)
@@ -45,12 +51,54 @@ def _typed(schema: type, node: DictConfig, prefix: str, problems: list[str]) -> 
         return None
 
 
+def _joined(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _field_at(schema: type, dotted: str) -> tuple[Field | None, Any]:
+    """The dataclass field at `dotted` below `schema` and its declared type (None, Any where no schema types it)."""
+    found: Field | None = None
+    hint: Any = schema
+    for name in dotted.split("."):
+        kind = _unwrap_optional(hint)
+        found = {f.name: f for f in fields(kind)}.get(name) if is_dataclass(kind) else None
+        if found is None:
+            return None, Any
+        hint = get_type_hints(kind)[name]
+    return found, hint
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if get_origin(hint) is Union:
+        return next(arg for arg in get_args(hint) if arg is not type(None))
+    return hint
+
+
+_TYPE_WORDS = {bool: "true or false", str: "a string", int: "an integer", float: "a number",
+               list: "a list", dict: "a mapping"}
+
+
+def _wanted(schema: type, dotted: str) -> str:
+    """What a missing key takes, in an error message's words: its constraint, else its type (and null if allowed)."""
+    found, hint = _field_at(schema, dotted)
+    kind = _unwrap_optional(hint)
+    constraint = found.metadata.get("constraint") if found is not None else None
+    if constraint is not None:
+        allowed = constraint.allowed
+    elif is_dataclass(kind):
+        allowed = f"a node with keys {', '.join(f.name for f in fields(kind))}"
+    elif kind is Any:
+        allowed = "a config node"
+    else:
+        allowed = _TYPE_WORDS.get(get_origin(kind) or kind, f"a {getattr(kind, '__name__', kind)}")
+    return allowed + (" or null" if type(None) in get_args(hint) else "")
+
+
 def _allowed_keys(schema: type, full_key: str, key: str) -> str:
     """'; did you mean <key>? (allowed keys: ...)' for a key the node at `full_key` of `schema` lacks."""
     parent, _, name = full_key.rpartition(".")
-    structured = OmegaConf.structured(schema)
-    node = OmegaConf.select(structured, parent) if parent else structured
-    allowed = [str(k) for k in node if k != "_target_"]
+    node = _unwrap_optional(_field_at(schema, parent)[1]) if parent else schema
+    allowed = [f.name for f in fields(node) if f.name != "_target_"] if is_dataclass(node) else []
     close = difflib.get_close_matches(name, allowed, n=1)
     prefix = key.rpartition(".")[0]
     meant = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""

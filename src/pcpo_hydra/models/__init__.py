@@ -12,7 +12,6 @@ from typing import Any
 _EXPORTS = {
     "PolicyModel": "base",
     "ModelLoadError": "loading",
-    "LoraSettings": "trainable",
     "StableDiffusionPolicy": "stable_diffusion",
     "load_stable_diffusion": "stable_diffusion",
     "build_tiny_sd": "tiny",

@@ -81,10 +81,10 @@ class FluxPolicy(PolicyModel):
         tokenizer_2: T5TokenizerFast,
         scheduler: FlowMatchEulerDiscreteScheduler,
         *,
-        resolution: int = 1024,
-        guidance_scale: float = 1.0,
-        guidance: float = 3.5,
-        max_sequence_length: int = MAX_T5_TOKENS,
+        resolution: int,
+        guidance_scale: float,
+        guidance: float,
+        max_sequence_length: int,
         lora: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
@@ -175,7 +175,8 @@ class FluxPolicy(PolicyModel):
 def load_flux(
     pretrained: str,
     revision: str | None = None,
-    resolution: int = 1024,
+    *,
+    resolution: int,
     guidance_scale: float = 1.0,
     guidance: float = 3.5,
     max_sequence_length: int = MAX_T5_TOKENS,
@@ -185,8 +186,7 @@ def load_flux(
 ) -> FluxPolicy:
     """Hydra target of conf/model/flux.yaml: each component from a hub id or a local pipeline folder.
 
-    `resolution` defaults to FluxPipeline's (1024); `lora` None or {enabled: false} fine-tunes the
-    whole transformer.
+    `lora` None or {enabled: false} fine-tunes the whole transformer.
     """
     check_source(pretrained, revision, FLUX_PIPELINE)
 

@@ -42,8 +42,8 @@ class SD3Policy(PolicyModel):
         scheduler: FlowMatchEulerDiscreteScheduler,
         *,
         resolution: int | None = None,
-        guidance_scale: float = 4.5,
-        max_sequence_length: int = 256,
+        guidance_scale: float,
+        max_sequence_length: int,
         lora: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,
@@ -145,9 +145,10 @@ class SD3Policy(PolicyModel):
 def load_sd3(
     pretrained: str,
     revision: str | None = None,
+    *,
     resolution: int | None = None,
     guidance_scale: float = 4.5,
-    max_sequence_length: int = 256,
+    max_sequence_length: int,  # no default: the options of conf/model/ that load SD3 set different ones
     lora: Mapping[str, Any] | None = None,
     gradient_checkpointing: bool = False,
     offload_text_encoders: bool = False,

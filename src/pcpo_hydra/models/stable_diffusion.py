@@ -30,7 +30,7 @@ class StableDiffusionPolicy(PolicyModel):
         scheduler: DDIMScheduler,
         *,
         resolution: int | None = None,
-        guidance_scale: float = 5.0,
+        guidance_scale: float,
         lora: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         offload_text_encoders: bool = False,

@@ -10,7 +10,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +18,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+from pcpo_hydra.config.schemas import LoraSchema
+
 ADAPTER = "default"                      # the one peft adapter a policy trains
 LORA_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name: the folder loads with from_pretrained
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """The `model.lora` config node."""
+def lora_settings(value: LoraSchema | Mapping[str, Any] | None) -> LoraSchema | None:
+    """The `model.lora` node as its schema; None (or enabled: false) means full fine-tuning.
 
-    enabled: bool = True
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-
-    @classmethod
-    def parse(cls, value: LoraSettings | Mapping[str, Any] | None) -> LoraSettings | None:
-        """None (or enabled: false) means full fine-tuning; missing keys take the defaults above."""
-        if value is None or isinstance(value, LoraSettings):
-            settings = value
-        else:
-            known = [f.name for f in fields(cls)]
-            unknown = sorted(set(value) - set(known))
-            if unknown:
-                raise ValueError(f"model.lora: unknown key(s) {unknown}; known: {known}")
-            values = dict(value)
-            if "target_modules" in values:
-                values["target_modules"] = tuple(values["target_modules"])
-            settings = cls(**values)
-        return settings if settings is not None and settings.enabled else None
+    The config arrives validated; a direct caller (a test, a script) gets its unknown or missing
+    keys named here, since the schema carries no defaults to fill them.
+    """
+    if value is None or isinstance(value, LoraSchema):
+        settings = value
+    else:
+        known = [f.name for f in fields(LoraSchema)]
+        unknown, missing = sorted(set(value) - set(known)), [k for k in known if k not in value]
+        if unknown or missing:
+            raise ValueError(f"model.lora: unknown key(s) {unknown}, missing key(s) {missing}; known: {known}")
+        settings = LoraSchema(**value)
+    return settings if settings is not None and settings.enabled else None
 
 
 def place_module(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -135,7 +127,7 @@ class FullWeights(TrainableWeights):
 class LoraWeights(TrainableWeights):
     """peft LoRA adapters on a frozen base; saved as the adapter's safetensors and adapter_config.json."""
 
-    def __init__(self, settings: LoraSettings) -> None:
+    def __init__(self, settings: LoraSchema) -> None:
         self.settings = settings
 
     def attach(self, network: nn.Module) -> None:
@@ -187,7 +179,7 @@ class LoraWeights(TrainableWeights):
             )
 
 
-def trainable_weights(lora: LoraSettings | Mapping[str, Any] | None) -> TrainableWeights:
+def trainable_weights(lora: LoraSchema | Mapping[str, Any] | None) -> TrainableWeights:
     """LoRA when `lora` is enabled, else full fine-tuning."""
-    settings = LoraSettings.parse(lora)
+    settings = lora_settings(lora)
     return FullWeights() if settings is None else LoraWeights(settings)
