@@ -19,6 +19,7 @@ from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_ever
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.preemption import Preempted, StopSignals
+from pcpo_hydra.tracker import NullTracker
 from pcpo_hydra.tracking import flatten_config, git_commit
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,11 @@ def run_tags(choices: dict[str, str], overrides: list[str], job: dict[str, str])
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, track: bool = True) -> Trainer:
-    """Seeded parts, accelerator and trainer; the main process gets the MLflow tracker if `track`."""
+    """Seeded parts, accelerator and trainer; the main process gets the configured tracker if `track`."""
     seed_everything(cfg.seed)
     accelerator = build_accelerator(cfg.hardware, cfg.train, accumulation_steps(cfg))
     parts = build_components(cfg, accelerator)
-    tracker = instantiate(cfg.logger) if track and accelerator.is_main_process else None
+    tracker = instantiate(cfg.logger) if track and accelerator.is_main_process else NullTracker()
     return Trainer(cfg, parts, accelerator, tracker, run_dir)
 
 
@@ -97,19 +98,17 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
     run_id = resume_from_checkpoint(trainer, run_dir)
     status = "FAILED"
     try:
-        if tracker is not None:
-            tracker.start(run_id, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
-                          {**run_tags(choices, overrides, job), "run_dir": str(run_dir)})
-            trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
-            if run_id is None:
-                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            else:  # its params keep the first launch's values: say what this launch changed
-                tracker.tag_resume(overrides)
+        tracker.start(run_id, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+                      {**run_tags(choices, overrides, job), "run_dir": str(run_dir)})
+        trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
+        if run_id is None:
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        else:  # its params keep the first launch's values: say what this launch changed
+            tracker.tag_resume(overrides)
         result = trainer.fit()
         final = run_dir / "final_weights"
         save_final_weights(trainer, final)
-        if tracker is not None:
-            tracker.log_artifact(final, "weights")
+        tracker.log_artifact(final, "weights")
         status = "FINISHED"
         return result
     except Preempted as preempted:
@@ -119,8 +118,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list
         status = "KILLED"
         raise
     finally:
-        if tracker is not None:
-            tracker.end(status)
+        tracker.end(status)
     stop.hand_over(stopped, in_submitit_job(), run_dir)  # leaves the process (requeued under submitit)
 
 

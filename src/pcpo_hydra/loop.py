@@ -20,6 +20,7 @@ from pcpo_hydra.checkpoint import save_checkpoint
 from pcpo_hydra.distributed import batch_seed
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
+from pcpo_hydra.tracker import Tracker
 from pcpo_hydra.update import update_policy
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Any, run_dir: Path,
+        self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Tracker, run_dir: Path,
         stop: StopSignals | None = None,
     ) -> None:
         self.cfg, self.parts, self.accelerator, self.tracker = cfg, parts, accelerator, tracker
@@ -98,7 +99,7 @@ class Trainer:
             "prompt_generator": self.prompt_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
             "advantages": self.parts.algorithm.advantages.state_dict(),
-            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+            "mlflow_run_id": self.tracker.run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,7 +253,7 @@ class Trainer:
             metrics.get("train/clipfrac", float("nan")), metrics.get("train/approx_kl", float("nan")),
             t["epoch"], t["rollout"], t["reward"], t["update"],
         )
-        if self.tracker is None or epoch <= self.logged_through:
+        if epoch <= self.logged_through:
             return
         # The grid before the metrics: a resume re-logs the epochs after the last logged reward, so a
         # kill between the two then repeats a grid rather than losing it for good.
