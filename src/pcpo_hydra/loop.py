@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.checkpoint import save_checkpoint
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rank_layout import RankLayout
@@ -73,15 +75,17 @@ class Trainer:
     With several ranks, every rank draws the same global prompt list and samples its own share
     of whole prompt groups (`layout`); rewards are gathered before advantages, so group and
     per-prompt statistics are those of the whole epoch, and the statistics logged are global.
+    `callbacks` evaluate and watch the run at the points named in callbacks.Callback.
     """
 
     def __init__(
         self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Tracker, run_dir: Path,
-        stop: StopSignals | None = None,
+        stop: StopSignals | None = None, callbacks: Sequence[Callback] = (),
     ) -> None:
         self.cfg, self.parts, self.accelerator, self.tracker = cfg, parts, accelerator, tracker
         self.run_dir = Path(run_dir)
         self.stop = stop or StopSignals()
+        self.callbacks = list(callbacks)
         rollout = cfg.rollout
         self.layout = RankLayout(accelerator.process_index, accelerator.num_processes, rollout.prompts_per_epoch,
                                  rollout.group_size, rollout.batch_size, cfg.seed, accelerator.device)
@@ -165,17 +169,28 @@ class Trainer:
     def fit(self) -> float:
         """Train from the epoch after the last completed one to `cfg.epochs`; return the last reward mean."""
         metrics: dict[str, float] = {}
+        if self.epoch == 0 and (untrained := self.evaluate(0)):
+            self.tracker.log_metrics(untrained, step=0)
         epochs = range(self.epoch + 1, self.cfg.epochs + 1)
         bar = tqdm(epochs, desc="epochs", disable=not self.accelerator.is_main_process)
         with logging_redirect_tqdm():
             for epoch in bar:
                 traj, rewards, train_stats = self.run_epoch(epoch)
-                metrics = self.epoch_metrics(traj, rewards, train_stats)
+                metrics = {**self.epoch_metrics(traj, rewards, train_stats), **self.evaluate(epoch)}
                 self.log_epoch(epoch, metrics, traj)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, epoch, metrics)
                 self.epoch = epoch
                 self.maybe_checkpoint(epoch)
                 self.maybe_stop(epoch)
         return metrics.get("rollout/reward_mean", float("nan"))
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Every callback's evaluation metrics for `epoch` (none on most epochs)."""
+        metrics: dict[str, float] = {}
+        for callback in self.callbacks:
+            metrics.update(callback.maybe_evaluate(self, epoch))
+        return metrics
 
     def maybe_stop(self, epoch: int) -> None:
         """After a stop signal reached any rank: checkpoint this epoch (all ranks) and raise Preempted."""
