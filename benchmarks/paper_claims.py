@@ -247,7 +247,7 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
         print(f"{setting:9s} {arm:14s} seed {seed}: reused {record_file.name} (same config as its run)", flush=True)
         return record
     run_dir = Path(args.out) / "runs" / f"{setting}_{arm}_seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unrecorded run trains again from epoch 0: its record needs every epoch
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unrecorded run starts over: its record needs every epoch
     evaluation = Evaluation(RunRecord(setting, arm, seed), args.eval_prompts, args.eval_every)
     tags = {"benchmark": "paper_claims", "benchmark_id": benchmark_id, "setting": setting, "arm": arm, "seed": str(seed)}
     choices = group_choices(run_overrides(setting, arm_overrides, seed, args))
