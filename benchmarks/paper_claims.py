@@ -11,12 +11,13 @@ JPEG compressibility, DDPO's task, while the evaluation measures what that costs
 agreement (see SETTINGS; `reward=world_all` as an override trains for the captions instead).
 Positional arguments are Hydra overrides applied to every run, as `pcpo-train` takes them.
 
-Each (setting, arm, seed) is a real training run, logged to MLflow (experiment
-`pcpo-hydra-paper-claims`, tags setting/arm/seed/benchmark_id). Besides the loop's own metrics
-(reward, clip fraction, within-group diversity), every `--eval-every` epochs the policy samples a
-fixed evaluation set (fixed prompts and noise) whose images give `eval/drift` (RMS pixel distance
-to the base model's images for the same prompt and noise), `eval/reward` and
-`eval/caption_agreement` (world_all, whichever reward the run trains).
+Each (setting, arm, seed) is a real training run, trained by pcpo-train's own `build.run` and
+logged to MLflow (experiment `pcpo-hydra-paper-claims`, tags setting/arm/seed/benchmark_id).
+Besides the loop's own metrics (reward, clip fraction, within-group diversity), every
+`--eval-every` epochs an evaluation callback has the policy sample a fixed evaluation set (fixed
+prompts and noise) whose images give `eval/drift` (RMS pixel distance to the base model's images
+for the same prompt and noise), `eval/reward` and `eval/caption_agreement` (world_all, whichever
+reward the run trains).
 
 Reported (markdown + PNG plots in --out, also logged as artifacts of a summary run):
 - epochs to reach fixed reward targets, as the paper's Table 10, on the evaluation reward: the
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,11 +51,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcpo_hydra import build
+from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import validate
 from pcpo_hydra.distributed import batch_seed
 from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
-from pcpo_hydra.tracking import MLflowTracker, flatten_config
+from pcpo_hydra.tracking import MLflowTracker
 from pcpo_hydra.train import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +148,38 @@ class EvalProbe:
                 "eval/caption_agreement": agreement.item()}
 
 
+class Evaluation(Callback):
+    """What the benchmark reads of a run as the loop trains it: the fixed-set evaluation and the record.
+
+    The record's seconds count from the base model's evaluation to the last epoch: the training
+    and its evaluations, not building the model or opening the MLflow store.
+    """
+
+    def __init__(self, record: RunRecord, prompts: int, every: int) -> None:
+        self.record, self.prompts, self.every = record, prompts, every
+        self.probe: EvalProbe | None = None
+        self.started = 0.0
+
+    def maybe_evaluate(self, trainer, epoch: int) -> dict[str, float]:
+        """The probe's figures at epoch 0 (the base model, drift 0), every `every` epochs and at the last."""
+        if epoch == 0:  # the base model's images are what later drift is measured from
+            self.probe = EvalProbe(trainer, self.prompts, trainer.cfg.rollout.group_size)
+            self.started = time.perf_counter()
+            metrics = self.probe.measure(self.probe.base)
+        elif epoch % self.every == 0 or epoch == trainer.cfg.epochs:
+            metrics = self.probe.measure()
+        else:
+            return {}
+        self.record.eval(epoch, metrics)
+        return metrics
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
+        self.record.reward.append(metrics["rollout/reward_mean"])
+        self.record.clipfrac.append(metrics["train/clipfrac"])
+        self.record.diversity.append(metrics["rollout/group_diversity"])
+        self.record.seconds = time.perf_counter() - self.started
+
+
 def combine(*layers: list[str]) -> list[str]:
     """Overrides of all layers, a later layer's replacing an earlier one's for the same key (Hydra refuses both)."""
     merged: dict[str, str] = {}
@@ -154,11 +189,22 @@ def combine(*layers: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def run_config(setting: str, arm_overrides: list[str], seed: int, args: argparse.Namespace):
+def run_overrides(setting: str, arm_overrides: list[str], seed: int, args: argparse.Namespace) -> list[str]:
     run = [f"seed={seed}", f"epochs={args.epochs}", "checkpoint_every=0", "log_images_every=0",
            f"logger.experiment_name={EXPERIMENT}"]
+    return combine(SETTINGS[setting], arm_overrides, run, args.overrides)
+
+
+def run_config(setting: str, arm_overrides: list[str], seed: int, args: argparse.Namespace):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return validate(compose("train", combine(SETTINGS[setting], arm_overrides, run, args.overrides)))
+        return validate(compose("train", run_overrides(setting, arm_overrides, seed, args)))
+
+
+def group_choices(overrides: list[str]) -> dict[str, str]:
+    """The option each config group was composed from, as pcpo-train's Hydra reports them (the run's tags)."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        choices = compose("train", overrides, return_hydra_config=True).hydra.runtime.choices
+    return {group: str(option) for group, option in choices.items()}
 
 
 def fingerprint(cfg, args: argparse.Namespace) -> str:
@@ -190,7 +236,7 @@ def cached_record(path: Path, arm: str) -> RunRecord | None:
 
 def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: argparse.Namespace,
           benchmark_id: str) -> RunRecord:
-    """One real training run with the loop's own epoch, plus the evaluation probe; logged to MLflow.
+    """One real training run, through `build.run` with the evaluation callback; logged to MLflow.
 
     A run whose config matches one already finished under the same --out is not trained again
     (unless --retrain): the ablation ladder's ends and the credit-mode comparison reuse the main
@@ -203,33 +249,12 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
         print(f"{setting:9s} {arm:14s} seed {seed}: reused {record_file.name} (same config as its run)", flush=True)
         return record
     run_dir = Path(args.out) / "runs" / f"{setting}_{arm}_seed{seed}"
-    trainer = build.build_trainer(cfg, run_dir)
-    tracker = trainer.tracker
-    tracker.start(None, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
-                  {"benchmark": "paper_claims", "benchmark_id": benchmark_id, "setting": setting,
-                   "arm": arm, "seed": str(seed), "overrides": " ".join(arm_overrides + args.overrides) or "(none)"})
-    probe = EvalProbe(trainer, args.eval_prompts, cfg.rollout.group_size)
-    record = RunRecord(setting, arm, seed)
-    start = time.perf_counter()
-    status = "FAILED"
-    try:
-        base = probe.measure(probe.base)  # epoch 0: the base model (drift 0)
-        tracker.log_metrics(base, step=0)
-        record.eval(0, base)
-        for epoch in range(1, cfg.epochs + 1):
-            traj, rewards, stats = trainer.run_epoch(epoch)
-            metrics = trainer.epoch_metrics(traj, rewards, stats)
-            if epoch % args.eval_every == 0 or epoch == cfg.epochs:
-                metrics.update(probe.measure())
-                record.eval(epoch, metrics)
-            tracker.log_metrics(metrics, step=epoch)
-            record.reward.append(metrics["rollout/reward_mean"])
-            record.clipfrac.append(metrics["train/clipfrac"])
-            record.diversity.append(metrics["rollout/group_diversity"])
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
-    record.seconds = time.perf_counter() - start
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unrecorded run starts over: its record needs every epoch
+    evaluation = Evaluation(RunRecord(setting, arm, seed), args.eval_prompts, args.eval_every)
+    tags = {"benchmark": "paper_claims", "benchmark_id": benchmark_id, "setting": setting, "arm": arm, "seed": str(seed)}
+    choices = group_choices(run_overrides(setting, arm_overrides, seed, args))
+    build.run(cfg, run_dir, choices, arm_overrides + args.overrides, tags, callbacks=[evaluation])
+    record = evaluation.record
     record_file.parent.mkdir(parents=True, exist_ok=True)
     record_file.write_text(json.dumps(asdict(record)))
     print(f"{setting:9s} {arm:14s} seed {seed}: eval reward {record.eval_reward[0]:.3f} -> {final_reward(record):.3f}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from pcpo_hydra.checkpoint import (
     CheckpointError, checkpoint_root, intact_checkpoint, load_checkpoint, register_weight_hooks,
 )
+from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import trained_steps
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.preemption import Preempted, StopSignals
+from pcpo_hydra.tracker import NullTracker
 from pcpo_hydra.tracking import flatten_config, git_commit
 
 log = logging.getLogger(__name__)
@@ -75,52 +78,55 @@ def run_tags(choices: dict[str, str], overrides: list[str], job: dict[str, str])
     return tags
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, track: bool = True) -> Trainer:
-    """Seeded parts, accelerator and trainer; the main process gets the MLflow tracker if `track`."""
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, track: bool = True, callbacks: Sequence[Callback] = ()
+) -> Trainer:
+    """Seeded parts, accelerator and trainer; the main process gets the configured tracker if `track`."""
     seed_everything(cfg.seed)
     accelerator = build_accelerator(cfg.hardware, cfg.train, accumulation_steps(cfg))
     parts = build_components(cfg, accelerator)
-    tracker = instantiate(cfg.logger) if track and accelerator.is_main_process else None
-    return Trainer(cfg, parts, accelerator, tracker, run_dir)
+    tracker = instantiate(cfg.logger) if track and accelerator.is_main_process else NullTracker()
+    return Trainer(cfg, parts, accelerator, tracker, run_dir, callbacks=callbacks)
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str], job: dict[str, str]) -> float:
-    """Train one run in `run_dir` on this rank.
+def run(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str], job: dict[str, str],
+    callbacks: Sequence[Callback] = (),
+) -> float:
+    """Train one run in `run_dir` on this rank; `job` tags name the job it is (sweep, SLURM, benchmark).
 
     A run dir that already holds a checkpoint is continued from it, into the same MLflow run:
     `resume=<dir>` sends a run there, and a requeued SLURM job comes back to its own.
     """
     stop = StopSignals().install()  # before the slow build: a signal then still gets its checkpoint
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks)
     trainer.stop = stop
     tracker = trainer.tracker
     run_id = resume_from_checkpoint(trainer, run_dir)
-    status = "FAILED"
+    status, stopped = "FAILED", None
     try:
-        if tracker is not None:
-            tracker.start(run_id, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
-                          {**run_tags(choices, overrides, job), "run_dir": str(run_dir)})
-            trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
-            if run_id is None:
-                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            else:  # its params keep the first launch's values: say what this launch changed
-                tracker.tag_resume(overrides)
+        tracker.start(run_id, flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+                      {**run_tags(choices, overrides, job), "run_dir": str(run_dir)})
+        trainer.logged_through = tracker.last_logged_step("rollout/reward_mean") or 0
+        if run_id is None:
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        else:  # its params keep the first launch's values: say what this launch changed
+            tracker.tag_resume(overrides)
         result = trainer.fit()
         final = run_dir / "final_weights"
         save_final_weights(trainer, final)
-        if tracker is not None:
-            tracker.log_artifact(final, "weights")
+        tracker.log_artifact(final, "weights")
         status = "FINISHED"
         return result
     except Preempted as preempted:
-        status = "KILLED"
-        stopped = preempted
+        status, stopped = "KILLED", preempted
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        if tracker is not None:
-            tracker.end(status)
+        tracker.end(status)
+        if stopped is None:  # the run's handlers leave with it: a benchmark trains many runs in one process
+            stop.uninstall()
     stop.hand_over(stopped, in_submitit_job(), run_dir)  # leaves the process (requeued under submitit)
 
 

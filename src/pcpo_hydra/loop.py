@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.checkpoint import save_checkpoint
-from pcpo_hydra.distributed import batch_seed
 from pcpo_hydra.preemption import Preempted, StopSignals
+from pcpo_hydra.rank_layout import RankLayout
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
+from pcpo_hydra.tracker import Tracker
 from pcpo_hydra.update import update_policy
 
 log = logging.getLogger(__name__)
@@ -70,18 +73,22 @@ class Trainer:
     """Runs epochs and owns everything a resumed run must restore (epoch, RNG streams).
 
     With several ranks, every rank draws the same global prompt list and samples its own share
-    of whole prompt groups; rewards are gathered before advantages, so group and per-prompt
-    statistics are those of the whole epoch, and the statistics logged are global.
+    of whole prompt groups (`layout`); rewards are gathered before advantages, so group and
+    per-prompt statistics are those of the whole epoch, and the statistics logged are global.
+    `callbacks` evaluate and watch the run at the points named in callbacks.Callback.
     """
 
     def __init__(
-        self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Any, run_dir: Path,
-        stop: StopSignals | None = None,
+        self, cfg: DictConfig, parts: Components, accelerator: Accelerator, tracker: Tracker, run_dir: Path,
+        stop: StopSignals | None = None, callbacks: Sequence[Callback] = (),
     ) -> None:
         self.cfg, self.parts, self.accelerator, self.tracker = cfg, parts, accelerator, tracker
         self.run_dir = Path(run_dir)
         self.stop = stop or StopSignals()
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.callbacks = list(callbacks)
+        rollout = cfg.rollout
+        self.layout = RankLayout(accelerator.process_index, accelerator.num_processes, rollout.prompts_per_epoch,
+                                 rollout.group_size, rollout.batch_size, cfg.seed, accelerator.device)
         self.epoch = 0              # epochs completed
         self.logged_through = 0     # epochs already in the tracker (a resumed run skips them)
         # Separate streams: the prompt draws stay identical on every rank whatever each rank's
@@ -98,7 +105,7 @@ class Trainer:
             "prompt_generator": self.prompt_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
             "advantages": self.parts.algorithm.advantages.state_dict(),
-            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+            "mlflow_run_id": self.tracker.run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -117,44 +124,17 @@ class Trainer:
             torch.cuda.synchronize()
         self.timings[phase] = time.perf_counter() - start
 
-    def draw_prompts(self) -> list[str]:
-        """The whole epoch's prompt draws (`prompts_per_epoch` per rank, with replacement), each `group_size` times.
-
-        Every rank draws the same list from the same stream; a rank samples its own slice.
-        """
-        rollout, prompts = self.cfg.rollout, self.parts.prompts
-        draws = rollout.prompts_per_epoch * self.world
-        picks = torch.randint(len(prompts), (draws,), generator=self.prompt_generator)
-        return [prompts[int(k)] for k in picks for _ in range(rollout.group_size)]
-
-    def local_rows(self) -> slice:
-        """This rank's samples in the epoch's global order: whole prompt groups, contiguous."""
-        per_rank = self.cfg.rollout.prompts_per_epoch * self.cfg.rollout.group_size
-        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-
-    def noise_generators(self, epoch: int) -> list[torch.Generator]:
-        """One generator per rollout batch, seeded by (seed, epoch, global batch index).
-
-        The noise of a batch then depends on where it sits in the epoch, not on which rank samples
-        it: one process with batch 2B sees the same noise as two with B each.
-        """
-        rows = self.local_rows()
-        size = self.cfg.rollout.batch_size
-        device = self.accelerator.device
-        return [torch.Generator(device).manual_seed(batch_seed(self.cfg.seed, epoch, start // size))
-                for start in range(rows.start, rows.stop, size)]
-
     def rollout(self, epoch: int, prompts: list[str]) -> Trajectories:
         with self.timed("rollout"):
             self.parts.model.network.eval()
             return sample_trajectories(
-                self.parts.model, self.parts.sampler, prompts[self.local_rows()],
-                self.cfg.rollout.batch_size, self.noise_generators(epoch),
+                self.parts.model, self.parts.sampler, prompts[self.layout.rows],
+                self.cfg.rollout.batch_size, self.layout.noise_generators(epoch),
             )
 
     def gather(self, values: Tensor) -> Tensor:
         """Every rank's values, in rank order (= the epoch's global sample order)."""
-        return self.accelerator.gather(values.contiguous()) if self.world > 1 else values
+        return self.accelerator.gather(values.contiguous()) if self.layout.world > 1 else values
 
     def score(self, traj: Trajectories, prompts: list[str]) -> Tensor:
         """Score this rank's images, set its advantages from the whole epoch's rewards; return all rewards."""
@@ -163,7 +143,7 @@ class Trainer:
             traj.rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
             everyone = self.gather(traj.rewards)
             advantages = self.parts.algorithm.advantages(prompts, everyone)
-            traj.advantages = advantages.to(traj.rewards.device)[self.local_rows()]
+            traj.advantages = advantages.to(traj.rewards.device)[self.layout.rows]
             return everyone
 
     def update(self, traj: Trajectories) -> dict[str, float]:
@@ -179,7 +159,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> tuple[Trajectories, Tensor, dict[str, float]]:
         """One rollout -> reward -> advantage -> update pass, timed by phase and in total."""
         start = time.perf_counter()
-        prompts = self.draw_prompts()
+        prompts = self.layout.draw_prompts(self.parts.prompts, self.prompt_generator)
         traj = self.rollout(epoch, prompts)
         rewards = self.score(traj, prompts)
         train_stats = self.update(traj)
@@ -189,17 +169,28 @@ class Trainer:
     def fit(self) -> float:
         """Train from the epoch after the last completed one to `cfg.epochs`; return the last reward mean."""
         metrics: dict[str, float] = {}
+        if self.epoch == 0 and (untrained := self.evaluate(0)):
+            self.tracker.log_metrics(untrained, step=0)
         epochs = range(self.epoch + 1, self.cfg.epochs + 1)
         bar = tqdm(epochs, desc="epochs", disable=not self.accelerator.is_main_process)
         with logging_redirect_tqdm():
             for epoch in bar:
                 traj, rewards, train_stats = self.run_epoch(epoch)
-                metrics = self.epoch_metrics(traj, rewards, train_stats)
+                metrics = {**self.epoch_metrics(traj, rewards, train_stats), **self.evaluate(epoch)}
                 self.log_epoch(epoch, metrics, traj)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, epoch, metrics)
                 self.epoch = epoch
                 self.maybe_checkpoint(epoch)
                 self.maybe_stop(epoch)
         return metrics.get("rollout/reward_mean", float("nan"))
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Every callback's evaluation metrics for `epoch` (none on most epochs)."""
+        metrics: dict[str, float] = {}
+        for callback in self.callbacks:
+            metrics.update(callback.maybe_evaluate(self, epoch))
+        return metrics
 
     def maybe_stop(self, epoch: int) -> None:
         """After a stop signal reached any rank: checkpoint this epoch (all ranks) and raise Preempted."""
@@ -235,7 +226,7 @@ class Trainer:
 
     def mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
         """Each statistic averaged over the ranks (the same keys on every rank, in the same order)."""
-        if self.world == 1:
+        if self.layout.world == 1:
             return stats
         keys = sorted(stats)
         values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device, dtype=torch.float64)
@@ -252,7 +243,7 @@ class Trainer:
             metrics.get("train/clipfrac", float("nan")), metrics.get("train/approx_kl", float("nan")),
             t["epoch"], t["rollout"], t["reward"], t["update"],
         )
-        if self.tracker is None or epoch <= self.logged_through:
+        if epoch <= self.logged_through:
             return
         # The grid before the metrics: a resume re-logs the epochs after the last logged reward, so a
         # kill between the two then repeats a grid rather than losing it for good.
