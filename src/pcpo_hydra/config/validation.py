@@ -112,8 +112,11 @@ def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> 
     except KeyError as exc:
         problems.append(str(exc.args[0]))
         return None
-    typed = _typed(schema, node, key, problems)
-    for field_name, child_group in getattr(schema, "NESTED", {}).items():
+    nested = getattr(schema, "NESTED", {})
+    # Hydra drops a node whose last option was removed (~reward@reward.components.x): that is an empty one
+    absent = {field_name: {} for field_name in nested if field_name not in node}
+    typed = _typed(schema, OmegaConf.merge(node, absent) if absent else node, key, problems)
+    for field_name, child_group in nested.items():
         children = node.get(field_name) or {}
         if typed is not None and not children:
             problems.append(f"{key}.{field_name}: is empty; give at least one {child_group} node")
