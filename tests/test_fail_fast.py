@@ -151,6 +151,7 @@ def test_reward_ocr_without_pytesseract_names_the_extra(tmp_path: Path) -> None:
 
 
 def test_reward_ocr_without_the_tesseract_binary_names_the_package(tmp_path: Path) -> None:
+    pytest.importorskip("pytesseract", reason="pip install 'pcpo-hydra[ocr]'")  # else its module is a second problem
     result, elapsed = pcpo_train(tmp_path, "reward=ocr", "reward.tesseract_cmd=/nonexistent/tesseract")
     assert_one_line(result, "reward (pcpo_hydra.rewards.ocr.OcrReward) needs the executable '/nonexistent/tesseract'",
                     "fix: apt-get install tesseract-ocr tesseract-ocr-eng",
