@@ -19,8 +19,9 @@ import pytest
 from omegaconf import MISSING, OmegaConf, open_dict
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.config.schemas import GROUP_SCHEMAS, RewardServerSchema, RunSchema
-from pcpo_hydra.rewards.server import check_config
+from pcpo_hydra.config.registry import group_schemas
+from pcpo_hydra.config.run_schema import RunSchema
+from pcpo_hydra.rewards.server import RewardServerSchema, check_config
 from pcpo_hydra.train import config_dir
 
 
@@ -33,7 +34,7 @@ def _nested(kind: Any) -> list[type]:
 def every_schema() -> list[type]:
     """Every schema class a config can be checked against, nested ones (LoRA, DeepSpeed, SLURM) included."""
     found: list[type] = []
-    todo = [RunSchema, RewardServerSchema, *(s for schemas in GROUP_SCHEMAS.values() for s in schemas.values())]
+    todo = [RunSchema, RewardServerSchema, *(s for schemas in group_schemas().values() for s in schemas.values())]
     while todo:
         schema = todo.pop()
         if schema not in found:
@@ -56,7 +57,7 @@ def test_no_schema_field_has_a_default(schema: type) -> None:
 
 
 def test_a_schemas_target_is_no_default_but_the_key_it_is_found_by() -> None:
-    for group, schemas in GROUP_SCHEMAS.items():
+    for group, schemas in group_schemas().items():
         for target, schema in schemas.items():
             declared = {f.name: _default(f) for f in dataclasses.fields(schema)}
             if target is None:  # a group without _target_ (hardware)
@@ -125,7 +126,7 @@ def test_the_reward_server_names_a_left_out_key_too() -> None:
 def target_options() -> list[tuple[str, str]]:
     """(group, option) for every option of the groups whose nodes name a `_target_` (all but hardware)."""
     root = Path(config_dir())
-    return [(group, path.stem) for group, schemas in GROUP_SCHEMAS.items() if None not in schemas
+    return [(group, path.stem) for group, schemas in group_schemas().items() if None not in schemas
             for path in sorted((root / group).glob("*.yaml"))]
 
 

@@ -22,7 +22,8 @@ from pcpo_hydra.algorithms import (
     proportional_weights,
 )
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.config.schemas import GROUP_SCHEMAS, StableDiffusionSchema
+from pcpo_hydra.config.registry import group_schemas
+from pcpo_hydra.models.schemas import StableDiffusionSchema
 from pcpo_hydra.samplers import (
     DanceGRPOSampler,
     FlowGRPOSampler,
@@ -282,7 +283,7 @@ class FakeFlowModelSchema(StableDiffusionSchema):
 @pytest.fixture
 def flow_model_cfg(compose_cfg, monkeypatch):
     """compose_cfg with model=sd15 re-targeted to a registered fake flow model schema."""
-    monkeypatch.setitem(GROUP_SCHEMAS["model"], FakeFlowModelSchema._target_, FakeFlowModelSchema)
+    monkeypatch.setitem(group_schemas()["model"], FakeFlowModelSchema._target_, FakeFlowModelSchema)
     retarget = f"model._target_={FakeFlowModelSchema._target_}"
     return lambda *overrides: compose_cfg("model=sd15", retarget, *overrides)
 

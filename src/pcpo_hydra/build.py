@@ -16,7 +16,7 @@ from pcpo_hydra.checkpoint import (
     CheckpointError, checkpoint_root, intact_checkpoint, load_checkpoint, register_weight_hooks,
 )
 from pcpo_hydra.callbacks import Callback
-from pcpo_hydra.config import trained_steps
+from pcpo_hydra.algorithms.steps import trained_steps
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.models.loading import ModelLoadError

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from pcpo_hydra.checkpoint import checkpoint_root
 from pcpo_hydra.config import ConfigError
-from pcpo_hydra.config.schemas import GROUP_SCHEMAS, schema_for
+from pcpo_hydra.config.registry import group_schemas, schema_for
 from pcpo_hydra.mlflow_store import store_problem
 from pcpo_hydra.paths import unwritable
 
@@ -47,7 +47,7 @@ def component_nodes(cfg: DictConfig) -> Iterator[tuple[str, type, Any]]:
             for name, child in node[field_name].items():
                 yield from walk(child_group, child, f"{key}.{field_name}.{name}")
 
-    for group in GROUP_SCHEMAS:
+    for group in group_schemas():
         yield from walk(group, cfg[group], group)
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import MISSING
+
+from pcpo_hydra.config.registry import register
 
 # Common animal nouns, the DDPO-style `simple_animals` set.
 ANIMALS: tuple[str, ...] = (
@@ -93,3 +98,40 @@ def prompt_file_problem(path: str) -> str | None:
 def _lines(data: bytes) -> tuple[str, ...]:
     """The stripped non-empty lines of UTF-8 text."""
     return tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())
+
+
+# What each prompts option takes (conf/prompts/*.yaml), checked before any model is built.
+
+
+@register("prompts")
+@dataclass
+class SimpleAnimalsSchema:
+    _target_: str = "pcpo_hydra.prompts.simple_animals"
+
+
+@register("prompts")
+@dataclass
+class ActivitiesSchema:
+    _target_: str = "pcpo_hydra.prompts.activities"
+    activities: list[str] = MISSING
+
+
+@register("prompts")
+@dataclass
+class PromptListSchema:
+    _target_: str = "pcpo_hydra.prompts.from_list"
+    name: str = MISSING
+    prompts: list[str] = MISSING
+
+
+@register("prompts")
+@dataclass
+class PromptFileSchema:
+    _target_: str = "pcpo_hydra.prompts.from_file"
+    path: str = MISSING
+
+    def relations(self, prefix: str) -> Iterator[str]:
+        """The file must give prompts: found now, not after the model is built."""
+        problem = prompt_file_problem(self.path)
+        if problem:
+            yield f"{prefix}.path={self.path!r}: {problem}"

@@ -7,8 +7,13 @@ trainers built with `track=False`, get NullTracker, so no caller has to ask whet
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+from omegaconf import MISSING
+
+from pcpo_hydra.config.registry import register
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -74,3 +79,14 @@ class NullTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         pass
+
+
+@register("logger")
+@dataclass
+class MLflowSchema:
+    """The logger node (conf/logger/*.yaml): where MLflowTracker records the run."""
+
+    _target_: str = "pcpo_hydra.tracking.MLflowTracker"
+    tracking_uri: Optional[str] = MISSING
+    experiment_name: str = MISSING
+    run_name: Optional[str] = MISSING

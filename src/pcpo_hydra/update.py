@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pcpo_hydra.config import trained_steps
+from pcpo_hydra.algorithms.steps import trained_steps
 from pcpo_hydra.rollout import Trajectories
 
 

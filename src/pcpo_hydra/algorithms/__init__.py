@@ -1,29 +1,26 @@
-"""Algorithms: advantages, log-ratios, credit weights and clipped objectives (GRPO, PCPO, ablations)."""
+"""Algorithms: advantages, log-ratios, credit weights and clipped objectives (GRPO, PCPO, ablations).
+
+Names resolve on first access, so validation can read `algorithms.schemas` without torch.
+"""
 
 from __future__ import annotations
 
-from pcpo_hydra.algorithms.advantages import PerPromptStatTracker, clip_advantages, group_advantages
-from pcpo_hydra.algorithms.credit import (
-    credit_plan,
-    proportional_weights,
-    reweight_scales,
-    variance_stds,
-)
-from pcpo_hydra.algorithms.log_ratio import direct_log_ratio, matching_log_ratio
-from pcpo_hydra.algorithms.objectives import log_hinge_objective, ratio_objective
-from pcpo_hydra.algorithms.policy_gradient import PolicyGradient
+from pcpo_hydra.lazy import lazy_exports
 
-__all__ = [
-    "PerPromptStatTracker",
-    "PolicyGradient",
-    "clip_advantages",
-    "credit_plan",
-    "direct_log_ratio",
-    "group_advantages",
-    "log_hinge_objective",
-    "matching_log_ratio",
-    "proportional_weights",
-    "ratio_objective",
-    "reweight_scales",
-    "variance_stds",
-]
+_EXPORTS = {
+    "PerPromptStatTracker": "advantages",
+    "clip_advantages": "advantages",
+    "group_advantages": "advantages",
+    "credit_plan": "credit",
+    "proportional_weights": "credit",
+    "reweight_scales": "credit",
+    "variance_stds": "credit",
+    "direct_log_ratio": "log_ratio",
+    "matching_log_ratio": "log_ratio",
+    "log_hinge_objective": "objectives",
+    "ratio_objective": "objectives",
+    "PolicyGradient": "policy_gradient",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

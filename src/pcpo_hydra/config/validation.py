@@ -17,7 +17,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pcpo_hydra.checkpoint import intact_checkpoint
 from pcpo_hydra.config.checks import violations
-from pcpo_hydra.config.schemas import GROUP_SCHEMAS, RunSchema, schema_for
+from pcpo_hydra.config.registry import group_schemas, schema_for
+from pcpo_hydra.config.run_schema import RunSchema
+from pcpo_hydra.algorithms.steps import trained_steps
 
 
 class ConfigError(ValueError):
@@ -127,11 +129,6 @@ def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> 
     return typed
 
 
-def trained_steps(num_steps: int, timestep_fraction: float) -> int:
-    """How many of a sample's sampler steps the update trains (DDPO's timestep_fraction)."""
-    return int(num_steps * timestep_fraction)
-
-
 # The sampler options of each model family, for the error that pairs them.
 _SAMPLERS_OF = {"diffusion": "sampler=ddim", "flow": "sampler=dancegrpo_sde or sampler=flowgrpo_sde"}
 
@@ -208,7 +205,7 @@ def check_tree(cfg: DictConfig, schema: type, groups: Iterable[str]) -> DictConf
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Return the run config with every node typed by its schema, or raise ConfigError listing all problems."""
-    typed = check_tree(cfg, RunSchema, GROUP_SCHEMAS)
+    typed = check_tree(cfg, RunSchema, group_schemas())
     problems = _cross_checks(typed)
     if problems:
         raise ConfigError(problems)

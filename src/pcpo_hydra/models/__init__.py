@@ -6,8 +6,7 @@ in torch, diffusers or transformers.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from pcpo_hydra.lazy import lazy_exports
 
 _EXPORTS = {
     "PolicyModel": "base",
@@ -27,10 +26,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines `name` only when someone asks for it."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

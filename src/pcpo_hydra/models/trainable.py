@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pcpo_hydra.config.schemas import LoraSchema
+from pcpo_hydra.models.schemas import LoraSchema
 
 ADAPTER = "default"                      # the one peft adapter a policy trains
 LORA_WEIGHTS = "adapter_model.safetensors"

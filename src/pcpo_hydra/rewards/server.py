@@ -10,16 +10,36 @@ The serving itself (batching, endpoints) is in `rewards.http_server`.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pcpo_hydra.config import ConfigError
-from pcpo_hydra.config.schemas import RemoteRewardSchema, RewardServerSchema
+from pcpo_hydra.config.checks import at_least, checked, interval, positive
+from pcpo_hydra.rewards.schemas import RemoteRewardSchema
 from pcpo_hydra.config.validation import check_tree
 from pcpo_hydra.train import config_dir
+
+
+@dataclass
+class ServerSchema:
+    host: str = MISSING
+    port: int = checked(interval(0, 65535))
+    max_batch: int = checked(positive())
+    max_wait_ms: float = checked(at_least(0.0))
+
+
+@dataclass
+class RewardServerSchema:
+    """conf/reward_server.yaml; its reward and hardware groups are checked by the schemas their components registered."""
+
+    server: ServerSchema = MISSING
+    reward: Any = MISSING
+    hardware: Any = MISSING
 
 
 def check_config(cfg: DictConfig) -> DictConfig:
