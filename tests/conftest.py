@@ -153,3 +153,13 @@ def reference_inputs(folder: Path) -> tuple[list[Tensor], list[str]]:
     np.savez(folder / "images.npz", **{f"image{i}": image for i, image in enumerate(images)})
     (folder / "prompts.json").write_text(json.dumps(prompts))
     return [torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 for image in images], prompts
+
+
+@pytest.fixture(scope="module")
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite MLflow store per test module, holding the module's EXPERIMENT (making its tables is slow)."""
+    from pcpo_hydra.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/store/mlflow.db"
+    MLflowTracker(uri, request.module.EXPERIMENT)
+    return uri

@@ -7,7 +7,6 @@ import random
 import subprocess
 from types import SimpleNamespace
 
-import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -15,13 +14,6 @@ from pcpo_hydra.loop import Trainer
 from pcpo_hydra.tracking import HOST_TAG, PID_TAG, STALE_TAG, MLflowTracker, process_namespace
 
 EXPERIMENT = "lifecycle"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    MLflowTracker(uri, EXPERIMENT)
-    return uri
 
 
 def test_runs_with_the_same_seed_get_different_names_and_the_seeded_stream_is_untouched(store: str) -> None:

@@ -30,14 +30,6 @@ from pcpo_hydra.tracking import (
 EXPERIMENT = "tests"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One sqlite store for the module: creating its tables takes about a second."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/store/mlflow.db"
-    MLflowTracker(uri, EXPERIMENT)
-    return uri
-
-
 @pytest.fixture
 def tracker(store: str) -> MLflowTracker:
     return MLflowTracker(store, EXPERIMENT, run_name="unit")
