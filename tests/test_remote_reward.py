@@ -90,6 +90,13 @@ def test_server_config_resolves_the_device_and_is_checked_like_training() -> Non
         check_config(compose_server("reward=remote"))
 
 
+def test_a_reward_without_a_batch_size_is_served_in_batches_of_16() -> None:
+    """A multi reward has no batch_size of its own for server.max_batch to follow (it failed to resolve)."""
+    cfg = check_config(compose_server("reward=multi", "reward.components.clip.batch_size=4"))
+    assert cfg.server.max_batch == 16 and cfg.reward.components.clip.batch_size == 4
+    assert check_config(compose_server("server.max_batch=3", "reward=multi")).server.max_batch == 3
+
+
 def test_remote_option_validates_and_rejects_bad_values(compose_cfg) -> None:
     reward = validate(compose_cfg("reward=remote")).reward
     assert (reward.url, reward.retries, reward.timeout_s) == ("http://127.0.0.1:8765", 8, 120.0)
