@@ -7,15 +7,18 @@ file: -->` what an outside package writes once; the package's empty `__init__.py
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from test_training import TINY, only_run
@@ -97,8 +100,9 @@ def test_the_pages_bad_value_fails_as_it_shows(plugin_root: Path, tmp_path: Path
     """The page's `$ pcpo-train ... reward.target=1.5` and the one line it prints, exit status 2."""
     shown = re.search(r"^\$ pcpo-train (?P<args>.*)\n(?P<line>pcpo-train: .*)$", PAGE.read_text(), re.M)
     assert shown, "docs/extending.md lost its bad-value example"
-    result = subprocess.run([sys.executable, "-m", "pcpo_hydra.train", *shown["args"].split()], env=env_with(plugin_root),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "pcpo_hydra.train", *shown["args"].split()]
+    result = subprocess.run(command, env=env_with(plugin_root), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
     assert (result.returncode, result.stderr.strip()) == (2, shown["line"]), result.stderr[-3000:]
 
 
@@ -118,8 +122,6 @@ def known_images() -> torch.Tensor:
 ])
 def test_it_scores_known_images_as_computed_by_hand(mypkg: Path, target: float, expected: list[float]) -> None:
     cfg = validate(compose_with(f"reward.target={target}", "reward.batch_size=2"))  # 2: three batches
-    from hydra.utils import instantiate
-
     reward = instantiate(cfg.reward)
     scores = reward(known_images(), ["a prompt"] * 5)
     assert reward.name == "brightness" and scores.dtype == torch.float32
@@ -133,17 +135,37 @@ def test_a_searchpath_plugin_makes_the_command_line_flag_unneeded(plugin_root: P
     code = ("from hydra import compose, initialize_config_dir\nfrom pcpo_hydra.train import config_dir\n"
             "with initialize_config_dir(config_dir=config_dir(), version_base='1.3'):\n"
             "    print(compose('train', ['reward=brightness']).reward._target_)\n")
-    result = subprocess.run([sys.executable, "-c", code], env=env_with(tmp_path, plugin_root), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], env=env_with(tmp_path, plugin_root),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "mypkg.brightness.Brightness"
 
 
+def grid_tiles(grid_png: Path, count: int, side: int) -> torch.Tensor:
+    """The `count` images of a logged sample grid as floats [count, 3, side, side] (8-bit values / 255).
+
+    Tiles sit in about-square rows, each enlarged by a whole factor with nearest neighbour
+    (pcpo_hydra.image_grid.make_grid), so every `scale`-th pixel of a tile is one image pixel.
+    """
+    from PIL import Image
+
+    grid = torch.from_numpy(np.array(Image.open(grid_png).convert("RGB"))).permute(2, 0, 1)
+    columns = math.ceil(math.sqrt(count))
+    tile, cell_height = grid.shape[2] // columns, grid.shape[1] // math.ceil(count / columns)
+    scale = tile // side
+    tiles = []
+    for i in range(count):
+        top, left = (i // columns) * cell_height, (i % columns) * tile
+        tiles.append(grid[:, top:top + tile:scale, left:left + tile:scale])
+    return torch.stack(tiles).float() / 255
+
+
 @pytest.mark.integration
-def test_pcpo_train_runs_an_epoch_with_it_and_logs_its_rewards(plugin_root: Path, tmp_path: Path) -> None:
+def test_pcpo_train_trains_an_epoch_with_it_and_logs_its_images_brightness(plugin_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "mlflow.db"
     env = env_with(plugin_root, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
     command = [sys.executable, "-m", "pcpo_hydra.train", *TINY, SEARCHPATH, "reward=brightness",
-               "log_images_every=0", f"hydra.run.dir={tmp_path / 'run'}"]
+               "log_images_every=1", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     client = MlflowClient(f"sqlite:///{store}")
@@ -153,7 +175,11 @@ def test_pcpo_train_runs_an_epoch_with_it_and_logs_its_rewards(plugin_root: Path
     assert run.data.params["reward._target_"] == "mypkg.brightness.Brightness"
     logged = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"rollout/reward_{key}")]
               for key in ("mean", "min", "max", "nonfinite")}
-    assert [step for step, _ in logged["mean"]] == [1]
-    (_, low), (_, mean), (_, high) = logged["min"][0], logged["mean"][0], logged["max"][0]
-    assert 0.0 <= low <= mean <= high <= 1.0 and low < high  # scores of 8 different images, in [0, 1]
-    assert logged["nonfinite"] == [(1, 0.0)]
+    assert [step for step, _ in logged["mean"]] == [1] and logged["nonfinite"] == [(1, 0.0)]
+    # The epoch's 8 images, from the grid it logged: their mean luma (target 1.0) is the reward logged.
+    grid = Path(client.download_artifacts(run.info.run_id, "samples/epoch_00001.png", str(tmp_path)))
+    luma = torch.einsum("bchw,c->b", grid_tiles(grid, 8, 32), torch.tensor([0.2126, 0.7152, 0.0722])) / 32**2
+    pixel_rounding = 0.5 / 255  # the grid holds round(255 x) of each value
+    for key, expected in (("mean", luma.mean()), ("min", luma.min()), ("max", luma.max())):
+        assert abs(logged[key][0][1] - expected.item()) <= pixel_rounding, (key, logged[key], expected)
+    assert luma.max() - luma.min() > 2 * pixel_rounding  # min and max tell the images apart
