@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_the_pages_bad_value_fails_as_it_shows(plugin_root: Path, tmp_path: Path
     """The page's `$ pcpo-train ... reward.target=1.5` and the one line it prints, exit status 2."""
     shown = re.search(r"^\$ pcpo-train (?P<args>.*)\n(?P<line>pcpo-train: .*)$", PAGE.read_text(), re.M)
     assert shown, "docs/extending.md lost its bad-value example"
-    command = [sys.executable, "-m", "pcpo_hydra.train", *shown["args"].split()]
+    command = [sys.executable, "-m", "pcpo_hydra.train", *shlex.split(shown["args"])]
     result = subprocess.run(command, env=env_with(plugin_root), cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert (result.returncode, result.stderr.strip()) == (2, shown["line"]), result.stderr[-3000:]
