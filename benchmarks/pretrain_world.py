@@ -34,15 +34,19 @@ from pcpo_hydra.build import build
 from pcpo_hydra.config import validate
 from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
-from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
 from pcpo_hydra.train import config_dir
-from pcpo_hydra.world import pretrain
-from pcpo_hydra.world.grammar import all_attributes
-from pcpo_hydra.world.models import RESOLUTION, build_world_sd, build_world_sd3, world_vae
-from pcpo_hydra.world.render import render
-from pcpo_hydra.world.scenes import sample_scenes
+
+# The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
+# else the one beside this script (which also puts its conf/ on Hydra's search path).
+sys.path.append(str(Path(__file__).resolve().parent / "shapes_world"))
+from pcpo_shapes_world import pretrain  # noqa: E402
+from pcpo_shapes_world.grammar import all_attributes  # noqa: E402
+from pcpo_shapes_world.models import RESOLUTION, build_world_sd, build_world_sd3, world_vae  # noqa: E402
+from pcpo_shapes_world.render import render  # noqa: E402
+from pcpo_shapes_world.rewards import caption_agreements  # noqa: E402
+from pcpo_shapes_world.scenes import sample_scenes  # noqa: E402
 
 REWARDS = caption_agreements()
 SAMPLE_BATCH = 32

@@ -1,4 +1,4 @@
-"""Rewards with meaning in the shapes world (pcpo_hydra.world): does the image show what its caption says?
+"""Rewards with meaning in the shapes world (pcpo_shapes_world): does the image show what its caption says?
 
 Every image is segmented the same way (`Foreground`): each pixel is read as a blend of the
 background and the colour word that fits it best (`palette_blend`), and counts as foreground by
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from pcpo_hydra.rewards.base import BaseReward
-from pcpo_hydra.world.grammar import BACKGROUND, COLOURS, POSITION_OFFSET, POSITIONS, SHAPES, SIZES, Attributes, parse
-from pcpo_hydra.world.render import coverage, pixel_grid
+from pcpo_shapes_world.grammar import BACKGROUND, COLOURS, POSITION_OFFSET, POSITIONS, SHAPES, SIZES, Attributes, parse
+from pcpo_shapes_world.render import coverage, pixel_grid
 
 COLOUR_WORDS = tuple(COLOURS)
 SHAPE_TEMPERATURE = 0.05  # the IoUs of one outline with the three templates differ by ~0.15-0.3
