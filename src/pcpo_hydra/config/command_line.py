@@ -4,8 +4,8 @@ Hydra answers a misspelt key (`algorithm.clip_rnge=0.1`) by suggesting to add it
 (`+algorithm.clip_rnge`), and an output folder it cannot create with a traceback; both happen
 while it composes, before `main` sees a config. So the console entry composes once itself,
 dropping each override Hydra cannot apply, and names the key it probably meant. A group option no
-config folder has (`reward=world_all` without the plugin that adds it) Hydra answers with its
-search path over a dozen lines; here it is one line naming the option and the group's options.
+config folder has (a plugin's, with the plugin not installed) Hydra answers with its search path
+over a dozen lines; here it is one line naming the option and the group's options.
 """
 
 from __future__ import annotations
