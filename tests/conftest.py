@@ -35,6 +35,13 @@ def _shapes_world_importable() -> None:
 _shapes_world_importable()
 
 
+def shapes_world_conf() -> Path:
+    """The plugin's conf/ as Hydra reads it (the installed copy in CI, else benchmarks/shapes_world's)."""
+    import pcpo_shapes_world
+
+    return Path(pcpo_shapes_world.__file__).resolve().parent / "conf"
+
+
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     """compose_cfg("algorithm=grpo", ...) -> the composed (not yet validated) config."""
