@@ -4,8 +4,10 @@
     python benchmarks/pretrain_world.py --steps 3000 --force # longer, replacing the cache
     pcpo-train model=world_sd prompts=world reward=world_all # then fine-tune one (model=world_sd3: the flow one)
 
+The pcpo-train options are the shapes-world plugin's: `pip install ./benchmarks/shapes_world` first.
+
 Writes <out>/vae (the AutoencoderKL both share), <out>/sd and <out>/sd3 (diffusers pipeline folders
-that `load_stable_diffusion` / `load_sd3` read, as conf/model/world_sd*.yaml do), <out>/<name>_samples.png
+that `load_stable_diffusion` / `load_sd3` read, as the plugin's conf/model/world_sd*.yaml do), <out>/<name>_samples.png
 (a captioned grid: ground truth, then the model's samples of the same captions) and
 <out>/<name>_report.json. A part already in the cache is kept unless --force.
 
