@@ -18,7 +18,7 @@ own grammar, and lies in [0, 1]:
 An image with no foreground scores 0 on all four. The world's own renders score close to 1 on
 each (they jitter position, area and colour a little); uniform noise scores low on every one but
 position, where a centroid at the middle of the image counts as "in the centre".
-`reward=world_all` is their mean, through `rewards.multi`, with each part logged on its own.
+`reward=world_all` is their mean, through the core's `pcpo_hydra.rewards.multi`, each part logged on its own.
 A prompt outside the world's grammar is an error (use prompts=world).
 """
 
