@@ -54,10 +54,14 @@ from pcpo_hydra import build
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import validate
 from pcpo_hydra.distributed import batch_seed
-from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.tracking import MLflowTracker
 from pcpo_hydra.train import config_dir
+
+# The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
+# else the one beside this script (which also puts its conf/ on Hydra's search path).
+sys.path.append(str(Path(__file__).resolve().parent / "shapes_world"))
+from pcpo_shapes_world.rewards import caption_agreements  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "pcpo-hydra-paper-claims"

@@ -4,8 +4,10 @@
     python benchmarks/pretrain_world.py --steps 3000 --force # longer, replacing the cache
     pcpo-train model=world_sd prompts=world reward=world_all # then fine-tune one (model=world_sd3: the flow one)
 
+The pcpo-train options are the shapes-world plugin's: `pip install ./benchmarks/shapes_world` first.
+
 Writes <out>/vae (the AutoencoderKL both share), <out>/sd and <out>/sd3 (diffusers pipeline folders
-that `load_stable_diffusion` / `load_sd3` read, as conf/model/world_sd*.yaml do), <out>/<name>_samples.png
+that `load_stable_diffusion` / `load_sd3` read, as the plugin's conf/model/world_sd*.yaml do), <out>/<name>_samples.png
 (a captioned grid: ground truth, then the model's samples of the same captions) and
 <out>/<name>_report.json. A part already in the cache is kept unless --force.
 
@@ -34,15 +36,19 @@ from pcpo_hydra.build import build
 from pcpo_hydra.config import validate
 from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
-from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
 from pcpo_hydra.train import config_dir
-from pcpo_hydra.world import pretrain
-from pcpo_hydra.world.grammar import all_attributes
-from pcpo_hydra.world.models import RESOLUTION, build_world_sd, build_world_sd3, world_vae
-from pcpo_hydra.world.render import render
-from pcpo_hydra.world.scenes import sample_scenes
+
+# The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
+# else the one beside this script (which also puts its conf/ on Hydra's search path).
+sys.path.append(str(Path(__file__).resolve().parent / "shapes_world"))
+from pcpo_shapes_world import pretrain  # noqa: E402
+from pcpo_shapes_world.grammar import all_attributes  # noqa: E402
+from pcpo_shapes_world.models import RESOLUTION, build_world_sd, build_world_sd3, world_vae  # noqa: E402
+from pcpo_shapes_world.render import render  # noqa: E402
+from pcpo_shapes_world.rewards import caption_agreements  # noqa: E402
+from pcpo_shapes_world.scenes import sample_scenes  # noqa: E402
 
 REWARDS = caption_agreements()
 SAMPLE_BATCH = 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,30 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pcpo_hydra.train import config_dir
+
+SHAPES_WORLD = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_world"
+
+
+def _shapes_world_importable() -> None:
+    """The shapes-world plugin's tests run whether it is installed (CI) or not (the README's `[test]` install).
+
+    Not installed, its folder goes on sys.path, for this process (where Hydra scans `hydra_plugins` on
+    its first compose, after this), and on PYTHONPATH, for the `pcpo-train` subprocesses tests start.
+    """
+    if importlib.util.find_spec("pcpo_shapes_world") is not None:
+        return
+    sys.path.append(str(SHAPES_WORLD))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(SHAPES_WORLD))))
+
+
+_shapes_world_importable()
+
+
+def shapes_world_conf() -> Path:
+    """The plugin's conf/ as Hydra reads it (the installed copy in CI, else benchmarks/shapes_world's)."""
+    import pcpo_shapes_world
+
+    return Path(pcpo_shapes_world.__file__).resolve().parent / "conf"
 
 
 @pytest.fixture

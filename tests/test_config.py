@@ -152,6 +152,7 @@ def test_tiny_models_bring_their_recipe_and_real_models_keep_paper_values(compos
     assert validate(compose_cfg("algorithm.clip_range=0.2", "epochs=3")).algorithm.clip_range == 0.2
 
 
+# The world's options are the shapes-world plugin's (benchmarks/shapes_world; conftest puts it on the path).
 @pytest.mark.parametrize("model", ["world_sd", "world_sd3"])
 def test_the_worlds_pretrained_models_fine_tune_at_their_recipes_gentler_rate(compose_cfg, model):
     cfg = validate(compose_cfg(f"model={model}", "prompts=world", "reward=world_all"))

@@ -24,6 +24,8 @@ from pcpo_hydra.config.run_schema import RunSchema
 from pcpo_hydra.rewards.server import RewardServerSchema, check_config
 from pcpo_hydra.train import config_dir
 
+from conftest import shapes_world_conf
+
 
 def _nested(kind: Any) -> list[type]:
     """The dataclasses a field's type names (a schema, or one inside Optional)."""
@@ -124,10 +126,11 @@ def test_the_reward_server_names_a_left_out_key_too() -> None:
 
 
 def target_options() -> list[tuple[str, str]]:
-    """(group, option) for every option of the groups whose nodes name a `_target_` (all but hardware)."""
-    root = Path(config_dir())
+    """(group, option) for every option of the groups whose nodes name a `_target_` (all but hardware),
+    the shapes-world plugin's included: an outside component's defaults follow the same rule."""
+    roots = (Path(config_dir()), shapes_world_conf())
     return [(group, path.stem) for group, schemas in group_schemas().items() if None not in schemas
-            for path in sorted((root / group).glob("*.yaml"))]
+            for root in roots for path in sorted((root / group).glob("*.yaml"))]
 
 
 # What an option needs beside itself to validate (test_config.py's ALONE_INVALID).

@@ -16,12 +16,12 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.rewards.world import (
+from pcpo_shapes_world.rewards import (
     ColourAgreement, Foreground, PositionAgreement, ShapeAgreement, SizeAgreement, WorldReward, caption_agreements,
 )
-from pcpo_hydra.world.grammar import COLOURS, POSITIONS, SHAPES, SIZES, Attributes, all_attributes, parse, world_prompts
-from pcpo_hydra.world.render import render
-from pcpo_hydra.world.scenes import AREA_JITTER, CENTRE_JITTER, COLOUR_JITTER, Scene, exact_scene, sample_scenes
+from pcpo_shapes_world.grammar import COLOURS, POSITIONS, SHAPES, SIZES, Attributes, all_attributes, parse, world_prompts
+from pcpo_shapes_world.render import render
+from pcpo_shapes_world.scenes import AREA_JITTER, CENTRE_JITTER, COLOUR_JITTER, Scene, exact_scene, sample_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 RED_CIRCLE_LEFT = Attributes("red", "circle", "large", "left")
@@ -71,7 +71,7 @@ def test_world_prompts_are_every_combination_of_the_words_given() -> None:
 def test_every_caption_fits_the_world_models_text_length() -> None:
     """The tiny tokenizers spend a token per character: a truncated caption would lose its position."""
     from pcpo_hydra.models.tiny import tiny_t5_tokenizer
-    from pcpo_hydra.world.models import TEXT_TOKENS, clip_tokenizer
+    from pcpo_shapes_world.models import TEXT_TOKENS, clip_tokenizer
 
     captions = [a.caption for a in all_attributes()]
     longest = max(len(ids) for ids in clip_tokenizer()(captions).input_ids)
@@ -81,7 +81,7 @@ def test_every_caption_fits_the_world_models_text_length() -> None:
 
 def test_the_grammar_and_the_config_schemas_stay_light() -> None:
     """Validation (`pcpo-train --cfg job`) reads the world's vocabulary: it must not pull in torch or numpy."""
-    code = ("import sys, pcpo_hydra.world.grammar, pcpo_hydra.config.registry as r; "
+    code = ("import sys, pcpo_shapes_world.schemas, pcpo_hydra.config.registry as r; "
             "r.group_schemas(); "
             "assert not {'torch', 'numpy'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -217,8 +217,8 @@ def test_prompt_words_are_checked_before_anything_is_built(compose_cfg) -> None:
 
 
 def test_pretraining_encodes_text_as_the_policy_does_but_with_gradients() -> None:
-    from pcpo_hydra.world.models import build_world_sd, world_vae
-    from pcpo_hydra.world.pretrain import encode_with_grad
+    from pcpo_shapes_world.models import build_world_sd, world_vae
+    from pcpo_shapes_world.pretrain import encode_with_grad
 
     policy = build_world_sd(world_vae())
     captions = [RED_CIRCLE_LEFT.caption, "", RED_CIRCLE_LEFT.caption]
@@ -231,8 +231,8 @@ def test_pretraining_encodes_text_as_the_policy_does_but_with_gradients() -> Non
 
 @pytest.mark.parametrize("shift", [False, True])
 def test_latent_scale_makes_the_denoisers_latents_standard(shift: bool) -> None:
-    from pcpo_hydra.world.models import build_world_sd, world_vae
-    from pcpo_hydra.world.pretrain import Latents, scaled_latents, with_latent_scale
+    from pcpo_shapes_world.models import build_world_sd, world_vae
+    from pcpo_shapes_world.pretrain import Latents, scaled_latents, with_latent_scale
 
     g = torch.Generator().manual_seed(0)
     means = 0.3 + 2.0 * torch.randn(64, 4, 16, 16, generator=g)

@@ -1,9 +1,11 @@
-"""What `pcpo-train` checks on its command line before Hydra runs: misspelt keys and the output folder.
+"""What `pcpo-train` checks on its command line before Hydra runs: misspelt keys, unknown options, the output folder.
 
 Hydra answers a misspelt key (`algorithm.clip_rnge=0.1`) by suggesting to add it
 (`+algorithm.clip_rnge`), and an output folder it cannot create with a traceback; both happen
 while it composes, before `main` sees a config. So the console entry composes once itself,
-dropping each override Hydra cannot apply, and names the key it probably meant.
+dropping each override Hydra cannot apply, and names the key it probably meant. A group option no
+config folder has (a plugin's, with the plugin not installed) Hydra answers with its search path
+over a dozen lines; here it is one line naming the option and the group's options.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, HydraException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.paths import unwritable
@@ -34,7 +36,10 @@ def command_line_problems(argv: list[str], config_dir: str, config_name: str) ->
     except HydraException:
         return []  # Hydra's parse error says it best
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg, misspelt = _compose_without_unknown_keys(args.config_name or config_name, overrides)
+        try:
+            cfg, misspelt = _compose_without_unknown_keys(args.config_name or config_name, overrides)
+        except MissingConfigException as error:
+            return _unknown_option(error)
         problems = [_did_you_mean(cfg, key) for key in misspelt]
         if cfg is None or args.cfg:  # --cfg only prints the config: it writes no output folder
             return problems
@@ -56,6 +61,8 @@ def _compose_without_unknown_keys(config_name: str, overrides: list[str | None])
     while True:
         try:
             return compose(config_name, [o for o in overrides if o], return_hydra_config=True), misspelt
+        except MissingConfigException:
+            raise
         except ConfigCompositionException as error:
             found = _NOT_APPLIED.search(str(error))
             key = found and (found.group(1) or found.group(2))
@@ -66,6 +73,15 @@ def _compose_without_unknown_keys(config_name: str, overrides: list[str | None])
             overrides[unknown[0]] = None
         except HydraException:
             return None, misspelt
+
+
+def _unknown_option(error: MissingConfigException) -> list[str]:
+    """'<group>=<option>: no such option; ...' when a group's option file is missing; [] for Hydra's own cases."""
+    group, _, option = (error.missing_cfg_file or "").rpartition("/")
+    if not group or not error.options:  # not a group option (a missing primary config): Hydra says it
+        return []
+    return [f"{group}={option}: no such option; {group} is one of {', '.join(error.options)} "
+            f"(an option a plugin adds needs the plugin installed)"]
 
 
 def _one_job(override) -> str | None:

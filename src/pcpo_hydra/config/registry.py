@@ -27,7 +27,6 @@ _CORE = (
     "pcpo_hydra.hardware",
     "pcpo_hydra.prompts",
     "pcpo_hydra.tracker",
-    "pcpo_hydra.world.schemas",
 )
 
 # group -> {target: schema}; the key None stands for a group whose nodes name no `_target_` (hardware).

@@ -1,4 +1,4 @@
-"""Rewards with meaning in the shapes world (pcpo_hydra.world): does the image show what its caption says?
+"""Rewards with meaning in the shapes world (pcpo_shapes_world): does the image show what its caption says?
 
 Every image is segmented the same way (`Foreground`): each pixel is read as a blend of the
 background and the colour word that fits it best (`palette_blend`), and counts as foreground by
@@ -18,7 +18,7 @@ own grammar, and lies in [0, 1]:
 An image with no foreground scores 0 on all four. The world's own renders score close to 1 on
 each (they jitter position, area and colour a little); uniform noise scores low on every one but
 position, where a centroid at the middle of the image counts as "in the centre".
-`reward=world_all` is their mean, through `rewards.multi`, with each part logged on its own.
+`reward=world_all` is their mean, through the core's `pcpo_hydra.rewards.multi`, each part logged on its own.
 A prompt outside the world's grammar is an error (use prompts=world).
 """
 
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from pcpo_hydra.rewards.base import BaseReward
-from pcpo_hydra.world.grammar import BACKGROUND, COLOURS, POSITION_OFFSET, POSITIONS, SHAPES, SIZES, Attributes, parse
-from pcpo_hydra.world.render import coverage, pixel_grid
+from pcpo_shapes_world.grammar import BACKGROUND, COLOURS, POSITION_OFFSET, POSITIONS, SHAPES, SIZES, Attributes, parse
+from pcpo_shapes_world.render import coverage, pixel_grid
 
 COLOUR_WORDS = tuple(COLOURS)
 SHAPE_TEMPERATURE = 0.05  # the IoUs of one outline with the three templates differ by ~0.15-0.3

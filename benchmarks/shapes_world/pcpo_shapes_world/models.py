@@ -1,6 +1,6 @@
 """The world's base models: the tiny SD and SD3 classes, sized for 32 px shapes and world captions.
 
-They differ from `models.tiny` / `models.tiny_sd3` (whose random weights are the embedded
+They differ from `pcpo_hydra.models.tiny` / `tiny_sd3` (whose random weights are the embedded
 default's) in three ways the world needs:
 
 - a VAE that is trained (`pretrain.train_vae`) rather than random: a diffusion model learnt in a

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pcpo_hydra.world.grammar import BACKGROUND, SHAPES
-from pcpo_hydra.world.scenes import Scene
+from pcpo_shapes_world.grammar import BACKGROUND, SHAPES
+from pcpo_shapes_world.scenes import Scene
 
 SUPERSAMPLE = 4  # sub-pixels per side averaged into one pixel: anti-aliased edges, as a camera would give
 

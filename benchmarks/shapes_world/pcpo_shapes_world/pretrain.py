@@ -19,8 +19,8 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
 from pcpo_hydra.models.base import PolicyModel
-from pcpo_hydra.world.render import render
-from pcpo_hydra.world.scenes import sample_scenes
+from pcpo_shapes_world.render import render
+from pcpo_shapes_world.scenes import sample_scenes
 
 CAPTION_DROPOUT = 0.1
 KL_WEIGHT = 1e-4        # per latent element, against the per-pixel MSE: latents stay near N(0, 1) without blurring

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcpo_hydra.world.grammar import COLOURS, POSITIONS, SIZES, Attributes, all_attributes
+from pcpo_shapes_world.grammar import COLOURS, POSITIONS, SIZES, Attributes, all_attributes
 
 CENTRE_JITTER = 0.03   # +- fraction of the image side, on each axis
 AREA_JITTER = 0.10     # area x U(1 - j, 1 + j)

@@ -1,0 +1,1 @@
+"""The plugin's config groups, found by Hydra at pkg://pcpo_shapes_world.conf (a package, so it ships in the wheel)."""
