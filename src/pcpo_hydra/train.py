@@ -83,7 +83,7 @@ def launch_run(cfg: DictConfig, run_dir: Path) -> float:
     from pcpo_hydra.build import run
     from pcpo_hydra.checkpoint import CheckpointError
     from pcpo_hydra.distributed import LaunchError, launch
-    from pcpo_hydra.models.loading import ModelLoadError
+    from pcpo_hydra.weights import ModelLoadError
 
     hydra_cfg = HydraConfig.get()
     choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}

@@ -22,8 +22,8 @@ from PIL import Image
 from torch import Tensor
 
 from pcpo_hydra.image_grid import to_pil
-from pcpo_hydra.models.loading import WeightsFor, check_source, load_component, load_error
 from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.weights import WeightsFor, check_source, load_component, load_error
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding, CLIPImageProcessorPil, CLIPModel

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcpo_hydra.image_grid import to_uint8
-from pcpo_hydra.models.loading import (
-    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
-)
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import ClipEmbedder
+from pcpo_hydra.weights import (
+    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel

@@ -22,12 +22,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pcpo_hydra.image_grid import to_uint8
-from pcpo_hydra.models.loading import (
-    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
-)
 from pcpo_hydra.rewards.aesthetic import AestheticHead
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import DTYPES
+from pcpo_hydra.weights import (
+    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
+)
 
 if TYPE_CHECKING:
     from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
