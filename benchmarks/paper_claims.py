@@ -53,11 +53,11 @@ from omegaconf import OmegaConf
 from pcpo_hydra import build
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.distributed import batch_seed
 from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.tracking import MLflowTracker
-from pcpo_hydra.train import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "pcpo-hydra-paper-claims"

@@ -32,12 +32,12 @@ from hydra.utils import instantiate
 
 from pcpo_hydra.build import build
 from pcpo_hydra.config import validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
 from pcpo_hydra.rewards.world import caption_agreements
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
-from pcpo_hydra.train import config_dir
 from pcpo_hydra.world import pretrain
 from pcpo_hydra.world.grammar import all_attributes
 from pcpo_hydra.world.models import RESOLUTION, build_world_sd, build_world_sd3, world_vae

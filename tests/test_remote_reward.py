@@ -23,14 +23,14 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor
 
 from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.images import from_uint8, to_uint8
 from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.rewards.http_server import Batcher
 from pcpo_hydra.rewards.jpeg import JpegCompressibility
 from pcpo_hydra.rewards.remote import RemoteReward, RemoteRewardError
-from pcpo_hydra.rewards.http_server import Batcher
 from pcpo_hydra.rewards.server import check_config
 from pcpo_hydra.rewards.wire import decode_request, decode_scores, encode_request, encode_scores
-from pcpo_hydra.train import config_dir
 
 
 def images(count: int, seed: int = 0, height: int = 40, width: int = 24) -> Tensor:
@@ -315,7 +315,7 @@ def test_the_server_command_checks_its_config_before_importing_torch() -> None:
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
         "from pcpo_hydra.rewards.server import check_config\n"
-        "from pcpo_hydra.train import config_dir\n"
+        "from pcpo_hydra.config.hydra_setup import config_dir\n"
         "with initialize_config_dir(config_dir=config_dir(), version_base='1.3'):\n"
         "    check_config(compose(config_name='reward_server', overrides=['reward=clipscore']))\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
