@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir
 
 from pcpo_hydra import build
 from pcpo_hydra.config import validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.loop import Trainer
-from pcpo_hydra.train import config_dir
 
 ALGORITHMS = ("grpo", "pcpo")
 PHASES = ("rollout", "reward", "update", "epoch")

@@ -53,10 +53,10 @@ from omegaconf import OmegaConf
 from pcpo_hydra import build
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.distributed import batch_seed
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.tracking import MLflowTracker
-from pcpo_hydra.train import config_dir
 
 # The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
 # else the one beside this script (which also puts its conf/ on Hydra's search path).

@@ -34,11 +34,11 @@ from hydra.utils import instantiate
 
 from pcpo_hydra.build import build
 from pcpo_hydra.config import validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
-from pcpo_hydra.train import config_dir
 
 # The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
 # else the one beside this script (which also puts its conf/ on Hydra's search path).

@@ -15,7 +15,9 @@ from torch import Tensor
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pcpo_hydra.train import config_dir
+from pcpo_hydra.config.hydra_setup import config_dir, register_resolvers
+
+register_resolvers()  # conf/train.yaml's hydra node reads through them, as under pcpo-train
 
 SHAPES_WORLD = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_world"
 

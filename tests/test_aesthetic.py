@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.aesthetic import AestheticHead, AestheticScore
 from pcpo_hydra.rewards.clip_score import ClipTransform
+from pcpo_hydra.weights import ModelLoadError
 
 from conftest import run_reference
 from test_clip_score import as_images, copy_processor_files, read_scores, write_images
@@ -79,8 +79,8 @@ def test_missing_or_mismatched_heads_name_the_key(tiny_clip_dir: Path, tmp_path:
 
 def test_a_head_with_missing_extra_or_misshapen_weights_fails_naming_the_file_and_keys(tmp_path: Path) -> None:
     """Every published key, no other, in its shape: a partial head would score with random layers."""
-    from pcpo_hydra.models.loading import WeightsFor
     from pcpo_hydra.rewards.aesthetic import load_head
+    from pcpo_hydra.weights import WeightsFor
 
     owner = WeightsFor("reward 'aesthetic'", "reward.head", "the MLP")
     partial = {key: value for key, value in head_state().items() if not key.startswith("layers.6.")}

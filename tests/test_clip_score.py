@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import CLIPModel
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.clip_score import ClipScore
+from pcpo_hydra.weights import ModelLoadError
 
 from conftest import CLIP_MEAN as MEAN, CLIP_SIDE as SIDE, CLIP_STD as STD, run_reference
 

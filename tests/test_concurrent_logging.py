@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pcpo_hydra.config import validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.tracking import MLflowTracker
-from pcpo_hydra.train import config_dir
 from test_training import TINY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "launchers" / "mlflow_server.sh"

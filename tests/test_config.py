@@ -11,7 +11,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.train import config_dir
+from pcpo_hydra.config.hydra_setup import config_dir
 
 GROUPS = ("model", "sampler", "reward", "algorithm", "hardware", "prompts", "logger", "experiment")
 

@@ -19,10 +19,10 @@ import pytest
 from omegaconf import MISSING, OmegaConf, open_dict
 
 from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.config.registry import group_schemas
 from pcpo_hydra.config.run_schema import RunSchema
 from pcpo_hydra.rewards.server import RewardServerSchema, check_config
-from pcpo_hydra.train import config_dir
 
 from conftest import shapes_world_conf
 

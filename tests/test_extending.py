@@ -26,7 +26,7 @@ from test_training import TINY, only_run
 
 from pcpo_hydra.config import validate
 from pcpo_hydra.config.registry import group_schemas
-from pcpo_hydra.train import config_dir
+from pcpo_hydra.config.hydra_setup import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "extending.md"
@@ -133,7 +133,7 @@ def test_a_searchpath_plugin_makes_the_command_line_flag_unneeded(plugin_root: P
     # Hydra scans for plugins once per process: a fresh one sees the plugin the page shows.
     write(tmp_path, page_blocks("package file"))
     assert files_under(tmp_path) == {"hydra_plugins/mypkg_searchpath.py"}
-    code = ("from hydra import compose, initialize_config_dir\nfrom pcpo_hydra.train import config_dir\n"
+    code = ("from hydra import compose, initialize_config_dir\nfrom pcpo_hydra.config.hydra_setup import config_dir\n"
             "with initialize_config_dir(config_dir=config_dir(), version_base='1.3'):\n"
             "    print(compose('train', ['reward=brightness']).reward._target_)\n")
     result = subprocess.run([sys.executable, "-c", code], env=env_with(tmp_path, plugin_root),

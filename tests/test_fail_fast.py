@@ -228,8 +228,8 @@ def test_the_health_probe_tells_a_reward_server_from_anything_else(http_answer: 
 
 
 def test_the_remote_reward_asks_again_when_it_is_built() -> None:
-    from pcpo_hydra.models.loading import ModelLoadError
     from pcpo_hydra.rewards.remote import RemoteReward
+    from pcpo_hydra.weights import ModelLoadError
 
     url = closed_port_url()
     started = time.monotonic()

@@ -12,11 +12,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.models.flux import FluxPolicy, image_ids, load_flux, pack_latents, unpack_latents
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.models.tiny_flux import build_tiny_flux, save_tiny_flux
 from pcpo_hydra.samplers import build_dancegrpo_sampler, build_flowgrpo_sampler
-from pcpo_hydra.train import config_dir
+from pcpo_hydra.weights import ModelLoadError
 
 PROMPTS = ["a cat", "a hedgehog washing the dishes", "Zebra, riding a bike!"]
 TIMESTEPS = torch.tensor([1000.0, 613.5, 12.0])  # sigma * 1000, as the samplers give them

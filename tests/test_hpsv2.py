@@ -20,8 +20,8 @@ from torch import Tensor
 from transformers import CLIPConfig, CLIPModel
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.hpsv2 import HPSv2Score, clean_prompt
+from pcpo_hydra.weights import ModelLoadError
 
 from conftest import CLIP_MEAN as MEAN, CLIP_SIDE as SIDE, CLIP_STD as STD
 from test_clip_score import colour_clip, colour_pairs

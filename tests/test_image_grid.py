@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pcpo_hydra.image_grid import ELLIPSIS, MIN_TILE, make_grid, to_uint8, wrap_caption
+from pcpo_hydra.image_grid import ELLIPSIS, MIN_TILE, make_grid, wrap_caption
+from pcpo_hydra.images import to_uint8
 
 
 def tile_pixels(grid: Image.Image, index: int, columns: int, rows: int, tile: int) -> np.ndarray:

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.aesthetic import AestheticHead
 from pcpo_hydra.rewards.imagereward import ImageReward
+from pcpo_hydra.weights import ModelLoadError
 
 from conftest import CLIP_MEAN, CLIP_STD
 

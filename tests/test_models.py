@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.models.loading import ModelLoadError, check_source, hub_unreachable, key_mismatch, load_component
 from pcpo_hydra.models.stable_diffusion import StableDiffusionPolicy, load_stable_diffusion
 from pcpo_hydra.models.tiny import build_tiny_sd, save_tiny_sd, tiny_tokenizer
+from pcpo_hydra.weights import ModelLoadError, check_source, hub_unreachable, key_mismatch, load_component
 
 LORA = {"enabled": True, "rank": 4, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 PROMPTS = ["a cat", "a hedgehog washing the dishes", "Zebra, riding a bike!"]

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.ocr import levenshtein, normalise, quoted_text, text_similarity, upscale
+from pcpo_hydra.weights import ModelLoadError
 
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 needs_tesseract = pytest.mark.skipif(

@@ -12,8 +12,8 @@ import torch
 from transformers import CLIPModel
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.rewards.pickscore import PickScore
+from pcpo_hydra.weights import ModelLoadError
 
 from conftest import run_reference
 from test_clip_score import as_images, colour_clip, colour_pairs, hand_preprocessed, images, read_scores, write_images

@@ -23,14 +23,14 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor
 
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.image_grid import to_uint8
+from pcpo_hydra.config.hydra_setup import config_dir
+from pcpo_hydra.images import from_uint8, to_uint8
 from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.rewards.http_server import Batcher
 from pcpo_hydra.rewards.jpeg import JpegCompressibility
 from pcpo_hydra.rewards.remote import RemoteReward, RemoteRewardError
-from pcpo_hydra.rewards.http_server import Batcher, to_float
 from pcpo_hydra.rewards.server import check_config
 from pcpo_hydra.rewards.wire import decode_request, decode_scores, encode_request, encode_scores
-from pcpo_hydra.train import config_dir
 
 
 def images(count: int, seed: int = 0, height: int = 40, width: int = 24) -> Tensor:
@@ -69,7 +69,7 @@ def test_malformed_requests_are_rejected(body: bytes, message: str) -> None:
 def test_eight_bits_on_the_wire_lose_nothing_a_reward_sees() -> None:
     """Every reward quantises with to_uint8; the server's floats quantise back to the client's pixels."""
     levels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(1, 16, 16, 3).numpy()
-    assert np.array_equal(to_uint8(to_float(levels)), levels)
+    assert np.array_equal(to_uint8(from_uint8(levels)), levels)
 
 
 def compose_server(*overrides: str):
@@ -133,7 +133,7 @@ def test_batcher_merges_same_size_requests_and_a_failure_stays_with_its_request(
             with pytest.raises(ValueError, match="cannot score 'bad'"):
                 futures[1].result(timeout=10)
             for future, (job_pixels, _) in zip(futures[::2], jobs[::2]):
-                expected = to_float(job_pixels).mean(dim=(1, 2, 3))
+                expected = from_uint8(job_pixels).mean(dim=(1, 2, 3))
                 torch.testing.assert_close(torch.tensor(future.result(timeout=10)), expected)
             assert len(futures[3].result(timeout=10)) == 1
     finally:
@@ -322,7 +322,7 @@ def test_the_server_command_checks_its_config_before_importing_torch() -> None:
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
         "from pcpo_hydra.rewards.server import check_config\n"
-        "from pcpo_hydra.train import config_dir\n"
+        "from pcpo_hydra.config.hydra_setup import config_dir\n"
         "with initialize_config_dir(config_dir=config_dir(), version_base='1.3'):\n"
         "    check_config(compose(config_name='reward_server', overrides=['reward=clipscore']))\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"

@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from pcpo_hydra.config import validate
-from pcpo_hydra.models.loading import ModelLoadError
 from pcpo_hydra.models.sd3 import SD3Policy, load_sd3
 from pcpo_hydra.models.tiny_sd3 import build_tiny_sd3, save_tiny_sd3
 from pcpo_hydra.samplers import build_flowgrpo_sampler
+from pcpo_hydra.weights import ModelLoadError
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]

@@ -19,7 +19,7 @@ from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.algorithms.steps import trained_steps
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
-from pcpo_hydra.models.loading import ModelLoadError
+from pcpo_hydra.weights import ModelLoadError
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.tracker import NullTracker
 from pcpo_hydra.tracking import flatten_config, git_commit

@@ -246,10 +246,6 @@ def build_accelerator(hardware: DictConfig, train: DictConfig, accumulation_step
     )
 
 
-def uses_deepspeed(accelerator: Accelerator) -> bool:
-    return accelerator.state.deepspeed_plugin is not None
-
-
 def weight_dtype(hardware: DictConfig) -> torch.dtype:
     """dtype of frozen weights (VAE, text encoder, LoRA base); trainable weights stay float32."""
     return _WEIGHT_DTYPES[hardware.mixed_precision]

@@ -1,4 +1,4 @@
-"""Captioned sample grids, and the one float -> 8-bit image conversion that grids and rewards share.
+"""Captioned sample grids, for the tracker and the benchmarks.
 
 Tiny built-in models make 32-64 px images; tiles are enlarged by a whole factor (nearest
 neighbour, so every model pixel stays an exact block) until they are large enough to judge.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from pcpo_hydra.images import check_images, to_pil
 
 MIN_TILE = 128          # px: a tile's long side is enlarged by a whole factor to at least this
 CAPTION_LINES = 3       # lines under each tile; the last line of a longer caption ends in ELLIPSIS
@@ -21,27 +21,6 @@ BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
 
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
-
-
-def check_images(images: Tensor) -> None:
-    """Raise ValueError unless `images` is a non-empty float [B, 3, H, W] batch."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}")
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """[B, 3, H, W] floats in [0, 1] -> [B, H, W, 3] uint8 via round(x * 255), DDPO's conversion."""
-    pixels = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """One 8-bit RGB PIL image per batch element."""
-    return [Image.fromarray(array) for array in to_uint8(images)]
 
 
 def wrap_caption(text: str, font: Font, width: int, max_lines: int = CAPTION_LINES) -> list[str]:

@@ -19,27 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from pcpo_hydra.checkpoint import latest_checkpoint
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.config.command_line import command_line_problems
+from pcpo_hydra.config.hydra_setup import config_dir, register_resolvers
 from pcpo_hydra.config.resume import resumed_config
 from pcpo_hydra.preemption import interrupted_message, resume_command
 from pcpo_hydra.preflight import preflight
 from pcpo_hydra.writes import WriteFailed
 
 
-def config_dir() -> str:
-    """conf/ inside an installed wheel, else the top-level conf/ of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"no conf/train.yaml next to {here} or in the source tree")
-
-
-def _if_set(value: object, then: str, otherwise: str) -> str:
-    """`then` when `value` is not null: conf/train.yaml sends a resumed run into the dir it continues."""
-    return otherwise if value is None else then
-
-
-OmegaConf.register_new_resolver("pcpo.if_set", _if_set, replace=True)
+register_resolvers()  # before @hydra.main composes: conf/train.yaml's run dir uses them
 
 
 def main() -> None:
@@ -83,7 +70,7 @@ def launch_run(cfg: DictConfig, run_dir: Path) -> float:
     from pcpo_hydra.build import run
     from pcpo_hydra.checkpoint import CheckpointError
     from pcpo_hydra.distributed import LaunchError, launch
-    from pcpo_hydra.models.loading import ModelLoadError
+    from pcpo_hydra.weights import ModelLoadError
 
     hydra_cfg = HydraConfig.get()
     choices = {group: str(option) for group, option in hydra_cfg.runtime.choices.items()}

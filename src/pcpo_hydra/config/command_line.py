@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from pcpo_hydra.config.hydra_setup import register_resolvers
 from pcpo_hydra.paths import unwritable
 
 # Hydra's words for an override whose key the config lacks (`key=v`, `~key`).
@@ -35,6 +36,7 @@ def command_line_problems(argv: list[str], config_dir: str, config_name: str) ->
         overrides = [_one_job(override) for override in OverridesParser.create().parse_overrides(args.overrides)]
     except HydraException:
         return []  # Hydra's parse error says it best
+    register_resolvers()  # the output folder below is read through conf/'s resolvers
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         try:
             cfg, misspelt = _compose_without_unknown_keys(args.config_name or config_name, overrides)

@@ -3,7 +3,8 @@
 `pcpo-train` checks every node's needs before anything heavy (pcpo_hydra.preflight), so a missing
 extra, a missing executable or a dead server is one line naming the fix, not an error from deep
 inside the component's constructor after the model was built. An outside component declares its
-own needs the same way on its schema.
+own needs the same way on its schema: a need is any object with `problem(node, key)`, so one that
+only a kind of component has lives with it (a reward server's in rewards.health).
 """
 
 from __future__ import annotations
@@ -42,23 +43,3 @@ class Executable:
         return (f"{key} ({node._target_}) needs the executable {command!r}, which is not on PATH "
                 f"({key}.{self.field}={getattr(node, self.field)!r}); fix: {self.install}, "
                 f"or set {key}.{self.field}=<path to {self.default}>")
-
-
-@dataclass(frozen=True)
-class RewardServer:
-    """A pcpo-reward-server answering at the node's `url_field` within `wait_field` seconds (null: not asked)."""
-
-    url_field: str
-    wait_field: str
-
-    def problem(self, node: Any, key: str) -> str | None:
-        from pcpo_hydra.rewards.health import server_problem
-
-        url, wait_s = getattr(node, self.url_field), getattr(node, self.wait_field)
-        if wait_s is None:
-            return None
-        problem = server_problem(url, wait_s)
-        if problem is None:
-            return None
-        return (f"{key}.{self.url_field}={url!r}: {problem}; fix: start pcpo-reward-server there, or set "
-                f"{key}.{self.url_field} to where it runs ({key}.{self.wait_field}={wait_s:g} s: how long to wait)")

@@ -1,4 +1,6 @@
-"""Policy adapters: text encoding, the network call with guidance, latents -> images, and loading.
+"""Policy adapters: text encoding, the network call with guidance, latents -> images.
+
+Loading weights is shared with the rewards, so it lives in `pcpo_hydra.weights`, not here.
 
 Names resolve on first access, so importing the package (as `pcpo-train --help` does) never pulls
 in torch, diffusers or transformers.
@@ -10,7 +12,6 @@ from pcpo_hydra.lazy import lazy_exports
 
 _EXPORTS = {
     "PolicyModel": "base",
-    "ModelLoadError": "loading",
     "StableDiffusionPolicy": "stable_diffusion",
     "load_stable_diffusion": "stable_diffusion",
     "build_tiny_sd": "tiny",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pcpo_hydra.images import from_signed
 from pcpo_hydra.models.text_cache import TextEmbeddingCache
 from pcpo_hydra.models.trainable import LoraWeights, TrainableWeights, place_module
 
@@ -115,7 +116,7 @@ class PolicyModel(ABC):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         images = self.vae.decode(scaled, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return from_signed(images)
 
     @property
     def device(self) -> torch.device:

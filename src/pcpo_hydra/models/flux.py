@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from pcpo_hydra.models.base import PolicyModel, token_ids
-from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
 from pcpo_hydra.models.trainable import trainable_weights
 from pcpo_hydra.samplers.flow_sde import TIMESTEP_SCALE, flux_sigmas
+from pcpo_hydra.weights import WeightsFor, check_source, load_component
 
 FLUX_PIPELINE = WeightsFor(
     "model", "model.pretrained",

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from pcpo_hydra.models.base import PolicyModel, token_ids
-from pcpo_hydra.models.loading import WeightsFor, check_source, load_component
 from pcpo_hydra.models.trainable import trainable_weights
 from pcpo_hydra.samplers.flow_sde import sd3_sigmas
+from pcpo_hydra.weights import WeightsFor, check_source, load_component
 
 SD3_PIPELINE = WeightsFor(
     "model", "model.pretrained",

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pcpo_hydra.models.base import PolicyModel, token_ids
-from pcpo_hydra.models.loading import check_source, load_component
 from pcpo_hydra.models.trainable import trainable_weights
+from pcpo_hydra.weights import check_source, load_component
 
 
 class StableDiffusionPolicy(PolicyModel):

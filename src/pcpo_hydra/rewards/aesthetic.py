@@ -16,9 +16,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from pcpo_hydra.models.loading import WeightsFor, load_error, read_state_dict, weight_file
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import CLIP_LAYOUT, ClipEmbedder
+from pcpo_hydra.weights import WeightsFor, load_error, read_state_dict, weight_file
 
 HEAD_LAYOUT = "the LAION aesthetic MLP as a .pth or .safetensors file"
 HEAD_LAYERS = (0, 2, 4, 6, 7)  # indices of the Linear layers in LAION's nn.Sequential (dropouts between)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from pcpo_hydra.image_grid import check_images
+from pcpo_hydra.images import check_images
 
 RANGE_TOLERANCE = 1e-3  # decoded images may overshoot [0, 1] by rounding; more is a caller bug
 

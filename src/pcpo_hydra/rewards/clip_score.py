@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pcpo_hydra.image_grid import to_pil
-from pcpo_hydra.models.loading import WeightsFor, check_source, load_component, load_error
+from pcpo_hydra.images import to_pil, unit_float
 from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.weights import WeightsFor, check_source, load_component, load_error
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding, CLIPImageProcessorPil, CLIPModel
@@ -97,7 +97,7 @@ class ClipTransform:
         resized = np.asarray(image.resize(size, self.resample))
         top = crop_start(resized.shape[0] - self.crop[0], self.rounding)
         left = crop_start(resized.shape[1] - self.crop[1], self.rounding)
-        cropped = resized[top : top + self.crop[0], left : left + self.crop[1]].astype(np.float32) / 255
+        cropped = unit_float(resized[top : top + self.crop[0], left : left + self.crop[1]])
         normalised = (cropped - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(normalised).permute(2, 0, 1)
 

@@ -11,6 +11,8 @@ import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from typing import Any
 
 HEALTH_PATH = "/health"
 RETRY_EVERY_S = 0.25  # a server that is starting: ask again this often until the wait is over
@@ -39,3 +41,24 @@ def server_problem(url: str, wait_s: float) -> str | None:
         except (ValueError, KeyError, TypeError):
             return f"GET {health} answered, but not as a pcpo-reward-server (no reward named in {body[:80]!r})"
         return None
+
+
+@dataclass(frozen=True)
+class RewardServerUp:
+    """A schema's need (see config.needs): a pcpo-reward-server answering at the node's `url_field`.
+
+    It is given the node's `wait_field` seconds to answer; null there means it is not asked.
+    """
+
+    url_field: str
+    wait_field: str
+
+    def problem(self, node: Any, key: str) -> str | None:
+        url, wait_s = getattr(node, self.url_field), getattr(node, self.wait_field)
+        if wait_s is None:
+            return None
+        problem = server_problem(url, wait_s)
+        if problem is None:
+            return None
+        return (f"{key}.{self.url_field}={url!r}: {problem}; fix: start pcpo-reward-server there, or set "
+                f"{key}.{self.url_field} to where it runs ({key}.{self.wait_field}={wait_s:g} s: how long to wait)")

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcpo_hydra.image_grid import to_uint8
-from pcpo_hydra.models.loading import (
-    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
-)
+from pcpo_hydra.images import from_uint8, to_uint8
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import ClipEmbedder
+from pcpo_hydra.weights import (
+    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel
@@ -140,7 +140,7 @@ def fit_longer_side(images: Tensor, side: int) -> Tensor:
     ResizeMaxSize leaves an image whose longer side is already `side` alone, unpadded, which only
     works when it is square; it is padded here either way.
     """
-    pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float().div(255)  # ToTensor of the 8-bit image
+    pixels = from_uint8(to_uint8(images))  # ToTensor of the 8-bit image
     height, width = pixels.shape[-2:]
     scale = side / max(height, width)
     new_height, new_width = round(height * scale), round(width * scale)  # Python's round, as ResizeMaxSize's

@@ -18,10 +18,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
-from torch import Tensor
 
+from pcpo_hydra.images import from_uint8
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.wire import ERROR_TYPE, decode_request, encode_scores
 
@@ -41,11 +40,6 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     scores: list[float] = field(default_factory=list)
     error: Exception | None = None
-
-
-def to_float(pixels: np.ndarray) -> Tensor:
-    """uint8 [B, H, W, 3] -> the reward's input, floats [B, 3, H, W] with pixel k at k / 255."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
 
 
 class Batcher:
@@ -153,7 +147,7 @@ class Batcher:
         self.counts["batches"] += 1
         self.counts["images"] += len(prompts)
         started = time.perf_counter()
-        scores = self.reward(to_float(np.concatenate([job.pixels for job in jobs])), prompts).tolist()
+        scores = self.reward(from_uint8(np.concatenate([job.pixels for job in jobs])), prompts).tolist()
         seconds = time.perf_counter() - started
         log.info("scored %d images from %d requests in %.3f s", len(prompts), len(jobs), seconds)
         return scores

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from pcpo_hydra.image_grid import to_uint8
-from pcpo_hydra.models.loading import (
-    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
-)
+from pcpo_hydra.images import to_pil, unit_float
 from pcpo_hydra.rewards.aesthetic import AestheticHead
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import DTYPES
+from pcpo_hydra.weights import (
+    WeightsFor, check_source, load_component, load_error, read_state_dict, weight_file,
+)
 
 if TYPE_CHECKING:
     from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
@@ -168,13 +168,13 @@ def preprocess(images: Tensor, size: int) -> Tensor:
     CenterCrop(size) starts at round((side - size) / 2), then ToTensor and CLIP's Normalize.
     """
     crops = []
-    for array in to_uint8(images):
-        height, width = array.shape[:2]
+    for image in to_pil(images):
+        width, height = image.size
         long = int(size * max(height, width) / min(height, width))  # torchvision's expression, to the same float
         new_height, new_width = (size, long) if height <= width else (long, size)
-        resized = np.asarray(Image.fromarray(array).resize((new_width, new_height), Image.BICUBIC), dtype=np.float32)
+        resized = unit_float(np.asarray(image.resize((new_width, new_height), Image.BICUBIC)))
         top, left = round((new_height - size) / 2), round((new_width - size) / 2)
-        crops.append((resized[top:top + size, left:left + size] / 255.0 - PIXEL_MEAN) / PIXEL_STD)
+        crops.append((resized[top:top + size, left:left + size] - PIXEL_MEAN) / PIXEL_STD)
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pcpo_hydra.image_grid import to_pil
+from pcpo_hydra.images import to_pil
 from pcpo_hydra.rewards.base import BaseReward
 
 

@@ -35,9 +35,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pcpo_hydra.image_grid import to_pil
-from pcpo_hydra.models.loading import ModelLoadError
+from pcpo_hydra.images import to_pil
 from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.weights import ModelLoadError
 
 LOG = logging.getLogger(__name__)
 

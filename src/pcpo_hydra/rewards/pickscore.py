@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pcpo_hydra.models.loading import WeightsFor
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.clip_score import ClipEmbedder
+from pcpo_hydra.weights import WeightsFor
 
 MODEL_LAYOUT = "a folder saved with save_pretrained holding the fine-tuned CLIPModel (config.json and weights)"
 PROCESSOR_LAYOUT = "a folder holding the CLIP tokenizer and image processor (preprocessor_config.json)"

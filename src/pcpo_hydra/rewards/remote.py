@@ -19,11 +19,11 @@ from http import HTTPStatus
 import torch
 from torch import Tensor
 
-from pcpo_hydra.image_grid import to_uint8
-from pcpo_hydra.models.loading import ModelLoadError
+from pcpo_hydra.images import to_uint8
 from pcpo_hydra.rewards.base import BaseReward
 from pcpo_hydra.rewards.health import server_problem
 from pcpo_hydra.rewards.wire import REQUEST_TYPE, decode_scores, encode_request
+from pcpo_hydra.weights import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ from typing import Any, ClassVar, Dict, Iterator, Optional
 from omegaconf import MISSING
 
 from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
-from pcpo_hydra.config.needs import Executable, PythonModule, RewardServer
+from pcpo_hydra.config.needs import Executable, PythonModule
 from pcpo_hydra.config.registry import register
 from pcpo_hydra.models.schemas import PretrainedSchema
+from pcpo_hydra.rewards.health import RewardServerUp
 
 
 @register("reward", "pcpo_hydra.rewards.jpeg.JpegCompressibility",
@@ -112,7 +113,7 @@ class MultiRewardSchema:
 class RemoteRewardSchema:
     """A reward served by pcpo-reward-server (conf/reward_server.yaml)."""
 
-    NEEDS: ClassVar[tuple] = (RewardServer("url", "health_wait_s"),)
+    NEEDS: ClassVar[tuple] = (RewardServerUp("url", "health_wait_s"),)
     _target_: str = "pcpo_hydra.rewards.remote.RemoteReward"
     url: str = checked(Constraint(
         lambda v: v.startswith(("http://", "https://")), "an http:// or https:// URL"))

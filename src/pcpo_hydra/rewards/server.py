@@ -20,9 +20,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pcpo_hydra.config import ConfigError
 from pcpo_hydra.config.checks import at_least, checked, interval, positive
-from pcpo_hydra.rewards.schemas import RemoteRewardSchema
+from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.config.validation import check_tree
-from pcpo_hydra.train import config_dir
+from pcpo_hydra.rewards.schemas import RemoteRewardSchema
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What `reward=remote` and `pcpo-reward-server` send each other over HTTP.
 
 A request is an uncompressed NPZ holding `images`, 8-bit RGB pixels [B, H, W, 3] made by
-`image_grid.to_uint8` (round(x * 255)), and `prompts`, a JSON list of strings. 8 bits lose nothing
+`images.to_uint8` (round(x * 255)), and `prompts`, a JSON list of strings. 8 bits lose nothing
 a reward here sees: every one (JPEG, CLIP-based) turns its float input into exactly these pixels
 first, and the server's float image k / 255 maps back to pixel k. They are also 4x smaller than
 float32. A reward that reads floats directly would see the images quantised to 8 bits.

@@ -1,5 +1,8 @@
 """`from_pretrained` with one clear error for every way a component can be missing.
 
+Shared by the model adapters and the rewards (both load pretrained weights), so it sits beside them
+rather than inside either package.
+
 A library's own failure (no network, HF_HUB_OFFLINE with an empty cache, a typo in a path) surfaces
 deep in its download code, or not at all: transformers 5 returns an empty tokenizer when it finds
 no files. Users need the model id, the component and the override that fixes it.
