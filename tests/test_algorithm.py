@@ -1,4 +1,4 @@
-"""The Algorithm protocol: GRPO and PCPO build as ClippedPolicyGradient, old checkpoints still load, misfits fail by name."""
+"""The Algorithm protocol: GRPO and PCPO build as ClippedPolicyGradient, old checkpoints load, misfits fail by name."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from mlflow import MlflowClient
 from pcpo_hydra.algorithms.steps import trained_steps
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import ConfigError, validate
+from pcpo_hydra.config.registry import group_schemas
 
 PLUGINS = Path(__file__).parent / "plugins"
 # The tiny models' recipe (conf/recipe/tiny_cpu.yaml) sets the clipped method's clip_range, a key rwr lacks.
@@ -20,9 +23,16 @@ TINY = ["experiment=debug", "sampler.num_steps=2", "hardware.num_threads=1", "lo
 
 
 @pytest.fixture
-def rwr_on_path(monkeypatch) -> None:
-    """The plugin package importable as any installed one would be; gone again after the test."""
+def rwr_on_path(monkeypatch) -> Iterator[None]:
+    """The plugin package importable as any installed one would be; it and its schema gone after the test."""
     monkeypatch.syspath_prepend(str(PLUGINS))
+    registered = group_schemas()["algorithm"]
+    before = dict(registered)
+    yield
+    registered.clear()
+    registered.update(before)
+    for name in [name for name in sys.modules if name.split(".")[0] == "rwr_algorithm"]:
+        del sys.modules[name]
 
 
 class Watcher(Callback):
