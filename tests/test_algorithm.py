@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -9,6 +11,15 @@ from omegaconf import OmegaConf
 
 from pcpo_hydra.algorithms import Algorithm, ClippedPolicyGradient, GroupRelative, PerPrompt
 from pcpo_hydra.config import validate
+
+PROTOCOL = [name for name in vars(Algorithm) if not name.startswith("_")]
+
+
+def test_the_clipped_method_has_every_protocol_method_with_its_parameters() -> None:
+    assert PROTOCOL == ["prepare", "advantages", "update", "state_dict", "load_state_dict"]
+    for name in PROTOCOL:
+        expected = list(inspect.signature(getattr(Algorithm, name)).parameters)
+        assert list(inspect.signature(getattr(ClippedPolicyGradient, name)).parameters) == expected, name
 
 
 @pytest.mark.parametrize("preset, estimator", [("grpo", GroupRelative), ("pcpo", PerPrompt)])
