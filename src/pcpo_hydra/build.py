@@ -16,6 +16,7 @@ from pcpo_hydra.checkpoint import (
     CheckpointError, checkpoint_root, intact_checkpoint, load_checkpoint, register_weight_hooks,
 )
 from pcpo_hydra.callbacks import Callback
+from pcpo_hydra.algorithms.base import Algorithm
 from pcpo_hydra.algorithms.steps import trained_steps
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
@@ -45,6 +46,19 @@ def build(node: DictConfig):
         raise
 
 
+def instantiate_algorithm(node: DictConfig, group_size: int) -> Algorithm:
+    """Instantiate the algorithm node; an object missing part of the Algorithm protocol fails here, by name."""
+    algorithm = instantiate(node, group_size=group_size)
+    missing = [name for name in vars(Algorithm)
+               if not name.startswith("_") and not callable(getattr(algorithm, name, None))]
+    if missing:
+        raise TypeError(
+            f"algorithm._target_={node._target_} built a {type(algorithm).__name__} without "
+            f"{', '.join(missing)}: an algorithm implements pcpo_hydra.algorithms.base.Algorithm"
+        )
+    return algorithm
+
+
 def build_components(cfg: DictConfig, accelerator) -> Components:
     """Instantiate model, sampler, reward, algorithm and prompts; prepare what trains and the text cache."""
     model = build(cfg.model)
@@ -52,10 +66,8 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     prompts = instantiate(cfg.prompts)
     model.use_text_cache(cfg.text_cache_dir)
     model.prepare_text([prompts[k] for k in range(len(prompts))])
-    algorithm = instantiate(cfg.algorithm, group_size=cfg.rollout.group_size)
-    if algorithm.policy.kl_beta:
-        model.keep_reference()
-    sampler = algorithm.policy.prepare(instantiate(cfg.sampler, model=model))
+    algorithm = instantiate_algorithm(cfg.algorithm, cfg.rollout.group_size)
+    sampler = algorithm.prepare(model, instantiate(cfg.sampler, model=model))
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors instead of one per tensor
         model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,

@@ -17,13 +17,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pcpo_hydra.algorithms.base import Algorithm
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.checkpoint import save_checkpoint
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rank_layout import RankLayout
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
 from pcpo_hydra.tracker import Tracker
-from pcpo_hydra.update import update_policy
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ class Components:
     """The parts a run is made of; the loop meets them only through their small interfaces."""
 
     model: Any
-    sampler: Any        # the rollout sampler (PCPO's variance mode may have changed its stds)
+    sampler: Any        # the sampler algorithm.prepare returned (PCPO's variance mode changes its stds)
     reward: Any
-    algorithm: Any      # .policy (losses) and .advantages (reward -> advantage)
+    algorithm: Algorithm
     prompts: Any
     optimizer: torch.optim.Optimizer
 
@@ -104,7 +104,7 @@ class Trainer:
             "epoch": self.epoch,
             "prompt_generator": self.prompt_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
-            "advantages": self.parts.algorithm.advantages.state_dict(),
+            "algorithm": self.parts.algorithm.state_dict(),
             "mlflow_run_id": self.tracker.run_id,
         }
 
@@ -112,7 +112,9 @@ class Trainer:
         self.epoch = state["epoch"]
         self.prompt_generator.set_state(state["prompt_generator"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
-        self.parts.algorithm.advantages.load_state_dict(state["advantages"])
+        # Checkpoints from before pluggable algorithms hold the clipped method's advantage state
+        # under "advantages"; that is the whole of its state_dict, so it loads as it is.
+        self.parts.algorithm.load_state_dict(state["algorithm"] if "algorithm" in state else state["advantages"])
 
     # ------------------------------------------------------------------------------- phases
 
@@ -149,8 +151,8 @@ class Trainer:
     def update(self, traj: Trajectories) -> dict[str, float]:
         with self.timed("update"):
             self.parts.model.network.train()
-            return update_policy(
-                traj, self.parts.model, self.parts.sampler, self.parts.algorithm.policy,
+            return self.parts.algorithm.update(
+                traj, self.parts.model, self.parts.sampler,
                 self.parts.optimizer, self.accelerator, self.cfg.train, self.shuffle_generator,
             )
 

@@ -1,4 +1,4 @@
-"""Update: recompute the network output with gradients at the trained steps and step the optimizer."""
+"""The clipped method's update: recompute the network output with gradients at the trained steps; step the optimizer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Algorithms: advantages, log-ratios, credit weights and clipped objectives (GRPO, PCPO, ablations).
+"""Algorithms: the `Algorithm` protocol the loop trains through, and the clipped policy gradient
+(GRPO, PCPO, ablations) with its advantages, log-ratios, credit weights and objectives.
 
 Names resolve on first access, so validation can read `algorithms.schemas` without torch.
 """
@@ -8,6 +9,11 @@ from __future__ import annotations
 from pcpo_hydra.lazy import lazy_exports
 
 _EXPORTS = {
+    "Algorithm": "base",
+    "ClippedPolicyGradient": "clipped",
+    "AdvantageEstimator": "advantages",
+    "GroupRelative": "advantages",
+    "PerPrompt": "advantages",
     "PerPromptStatTracker": "advantages",
     "clip_advantages": "advantages",
     "group_advantages": "advantages",

@@ -1,9 +1,10 @@
-"""Advantages from rewards: group-relative (GRPO) or per-prompt running statistics (DDPO)."""
+"""Advantages from rewards: group-relative (GRPO) or per-prompt running statistics (DDPO), and their estimators."""
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -78,3 +79,49 @@ class PerPromptStatTracker:
         self.buffers = {
             prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()
         }
+
+
+class AdvantageEstimator(Protocol):
+    """Rewards of the epoch -> clipped advantages, with the state a resumed run must restore."""
+
+    def __call__(self, prompts: list[str], rewards: Tensor) -> Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class GroupRelative:
+    """GRPO: normalise each reward within its prompt's group of consecutive samples."""
+
+    group_size: int
+    clip: float
+
+    def __call__(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        return clip_advantages(group_advantages(rewards, self.group_size), self.clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PerPrompt:
+    """DDPO: normalise by running per-prompt statistics that persist across epochs."""
+
+    def __init__(self, buffer_size: int, min_count: int, clip: float) -> None:
+        self.tracker = PerPromptStatTracker(buffer_size, min_count)
+        self.clip = clip
+
+    def __call__(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        finite = torch.isfinite(rewards)
+        advantages = torch.zeros_like(rewards)
+        kept = [p for p, ok in zip(prompts, finite.tolist()) if ok]
+        advantages[finite] = self.tracker.update(kept, rewards[finite]).to(rewards)
+        return clip_advantages(advantages, self.clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state)

@@ -19,10 +19,10 @@ class DDIMSampler(BaseSampler):
     t_prev = t - num_train_timesteps // num_steps as in diffusers' own step.
     """
 
-    # The paper used variance mode for DDIM; variance mode shrinks the early steps' stds, so rollouts
-    # explore less where the image is decided, and it trained slower here (docs/design.md, "Credit
-    # weights"; benchmarks/results/paper_claims.md). Variance stays one override away.
-    default_credit_mode = "reweight"
+    # BaseSampler's default_credit_mode (reweight) holds here too, though the paper used variance mode
+    # for DDIM: variance mode shrinks the early steps' stds, so rollouts explore less where the image
+    # is decided, and it trained slower here (docs/design.md, "Credit weights";
+    # benchmarks/results/paper_claims.md). Variance stays one override away.
 
     def __init__(self, scheduler: Any, num_steps: int, eta: float = 1.0) -> None:
         if eta < 0:

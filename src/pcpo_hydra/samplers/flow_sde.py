@@ -46,8 +46,8 @@ class FlowModel(Protocol):
 class FlowSDESampler(BaseSampler):
     """The Euler-Maruyama step of the flow SDE on a sigma schedule; a family supplies `native_std`."""
 
-    # The PCPO paper's choice for flow: keep the reference sampler, rescale each step's log-ratio.
-    default_credit_mode = "reweight"
+    # BaseSampler's default_credit_mode (reweight) is the PCPO paper's choice for flow: keep the
+    # reference sampler, rescale each step's log-ratio.
 
     def __init__(self, sigmas: Tensor) -> None:
         sigmas = torch.as_tensor(sigmas).detach().to(device="cpu", dtype=torch.float64)
