@@ -51,7 +51,7 @@ ENTRIES = defaults_entries()
 def test_train_yaml_defaults_are_parsed():
     # A guard on the parser itself: every config group of train.yaml's defaults list is seen.
     assert [group for group, _, _ in ENTRIES] == [
-        "sampler", "reward", "algorithm", "model", "hardware", "prompts", "logger", "experiment",
+        "sampler", "reward", "algorithm", "model", "hardware", "prompts", "logger", "eval", "experiment",
     ]
 
 

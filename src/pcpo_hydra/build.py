@@ -18,10 +18,12 @@ from pcpo_hydra.checkpoint import (
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.algorithms.base import Algorithm
 from pcpo_hydra.algorithms.steps import trained_steps
+from pcpo_hydra.evaluation.callback import evaluation_callbacks
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.weights import ModelLoadError
 from pcpo_hydra.preemption import Preempted, StopSignals
+from pcpo_hydra.prompts import split_holdout
 from pcpo_hydra.tracker import NullTracker
 from pcpo_hydra.tracking import flatten_config, git_commit
 
@@ -66,6 +68,8 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     prompts = instantiate(cfg.prompts)
     model.use_text_cache(cfg.text_cache_dir)
     model.prepare_text([prompts[k] for k in range(len(prompts))])
+    if cfg.eval.every:  # training never draws the evaluation's prompts; without evaluation it draws them all
+        prompts, _ = split_holdout(prompts, cfg.eval.holdout)
     algorithm = instantiate_algorithm(cfg.algorithm, cfg.rollout.group_size)
     sampler = algorithm.prepare(model, instantiate(cfg.sampler, model=model))
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors instead of one per tensor
@@ -111,7 +115,7 @@ def run(
     `resume=<dir>` sends a run there, and a requeued SLURM job comes back to its own.
     """
     stop = StopSignals().install()  # before the slow build: a signal then still gets its checkpoint
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks)
+    trainer = build_trainer(cfg, run_dir, callbacks=[*evaluation_callbacks(cfg), *callbacks])
     trainer.stop = stop
     tracker = trainer.tracker
     run_id = resume_from_checkpoint(trainer, run_dir)

@@ -64,6 +64,22 @@ def from_file(path: str) -> PromptSet:
     return PromptSet(file.stem, _lines(file.read_bytes()))
 
 
+
+def split_holdout(prompts: PromptSet, count: int) -> tuple[PromptSet, PromptSet]:
+    """(training set, held-out set): `count` evenly spaced prompts (indices k * (len // count)) carved off.
+
+    The same prompt set always gives the same split, so training and its evaluation (and a
+    resumed run) agree on it. At least one prompt must stay for training.
+    """
+    if not 1 <= count < len(prompts):
+        raise ValueError(f"eval.holdout={count}: must be between 1 and {len(prompts) - 1} "
+                         f"for the {len(prompts)} prompts of {prompts.name!r}; lower eval.holdout")
+    step = len(prompts) // count
+    held = {k * step for k in range(count)}
+    return (PromptSet(prompts.name, tuple(p for k, p in enumerate(prompts.prompts) if k not in held)),
+            PromptSet(f"{prompts.name}_holdout", tuple(prompts[k] for k in sorted(held))))
+
+
 PROMPT_FILE_FIX = "give a UTF-8 text file with one prompt per line"
 
 

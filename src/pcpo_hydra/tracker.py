@@ -38,8 +38,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log every metric at `step`."""
 
-    def log_image_grid(self, images: Tensor, captions: list[str], step: int) -> None:
-        """Log captioned sample images at `step`."""
+    def log_image_grid(self, images: Tensor, captions: list[str], step: int, key: str = "samples") -> None:
+        """Log captioned sample images at `step`, under `key` (the evaluation's grids have their own)."""
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file`."""
@@ -68,7 +68,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
-    def log_image_grid(self, images: Tensor, captions: list[str], step: int) -> None:
+    def log_image_grid(self, images: Tensor, captions: list[str], step: int, key: str = "samples") -> None:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:

@@ -38,7 +38,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # follows the browser's GenAI | Model training sidebar switch (README, "Browsing runs in MLflow").
 EXPERIMENT_KIND = "custom_model_development"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-IMAGE_KEY = "samples"  # the UI's per-step image view groups grids under this key
 PID_TAG, HOST_TAG = "pcpo.pid", "pcpo.host"  # the process logging a run, so a later start can tell it died
 STALE_TAG = "pcpo.closed_stale"  # why a later start ended a run left RUNNING
 RESUME_TAG = re.compile(r"resume_(\d+)_overrides")
@@ -323,12 +322,12 @@ class MLflowTracker:
         history = self._client.get_metric_history(self._active_run(), key)
         return max((metric.step for metric in history), default=None)
 
-    def log_image_grid(self, images: Tensor, captions: list[str], step: int) -> None:
-        """The captioned grid both in the UI's per-step image view and as samples/epoch_{step}.png."""
+    def log_image_grid(self, images: Tensor, captions: list[str], step: int, key: str = "samples") -> None:
+        """The captioned grid both in the UI's per-step image view (grouped by `key`) and as {key}/epoch_{step}.png."""
         run_id = self._active_run()
         grid = make_grid(images, captions)
-        self._client.log_image(run_id, grid, key=IMAGE_KEY, step=step)
-        self._client.log_image(run_id, grid, artifact_file=f"samples/epoch_{step:05d}.png")
+        self._client.log_image(run_id, grid, key=key, step=step)
+        self._client.log_image(run_id, grid, artifact_file=f"{key}/epoch_{step:05d}.png")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file into `artifact_path`, or a directory's contents into `artifact_path`

@@ -16,7 +16,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
-GROUPS = ("model", "sampler", "reward", "algorithm", "hardware", "prompts", "logger")
+GROUPS = ("model", "sampler", "reward", "algorithm", "hardware", "prompts", "logger", "eval")
 
 # The core's schema modules, one per part of the package (not one per component).
 _CORE = (
@@ -27,6 +27,7 @@ _CORE = (
     "pcpo_hydra.hardware",
     "pcpo_hydra.prompts",
     "pcpo_hydra.tracker",
+    "pcpo_hydra.evaluation.schemas",
 )
 
 # group -> {target: schema}; the key None stands for a group whose nodes name no `_target_` (hardware).

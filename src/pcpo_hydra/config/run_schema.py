@@ -60,3 +60,4 @@ class RunSchema:
     hardware: Any = MISSING
     prompts: Any = MISSING
     logger: Any = MISSING
+    eval: Any = MISSING
