@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -62,7 +60,8 @@ class Evaluation(Callback):
         if epoch == 0:
             self.base = images
             if trainer.accelerator.is_main_process:
-                torch.save(images.cpu(), Path(trainer.run_dir) / BASE_IMAGES)
+                trainer.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint makes it
+                torch.save(images.cpu(), trainer.run_dir / BASE_IMAGES)
         if not trainer.accelerator.is_main_process:
             return {}
         return self.measure(trainer, epoch, images)
@@ -76,7 +75,7 @@ class Evaluation(Callback):
                         else instantiate(self.cfg.sampler, model=model))
         self.rewards = {"reward": trainer.parts.reward,  # the training reward's own object, not a second copy
                         **{name: instantiate(node, _convert_="all") for name, node in self.cfg.rewards.items()}}
-        base_file = Path(trainer.run_dir) / BASE_IMAGES
+        base_file = trainer.run_dir / BASE_IMAGES
         if trainer.epoch > 0:
             if base_file.is_file():
                 self.base = torch.load(base_file)
