@@ -14,10 +14,10 @@ Positional arguments are Hydra overrides applied to every run, as `pcpo-train` t
 Each (setting, arm, seed) is a real training run, trained by pcpo-train's own `build.run` and
 logged to MLflow (experiment `pcpo-hydra-paper-claims`, tags setting/arm/seed/benchmark_id).
 Besides the loop's own metrics (reward, clip fraction, within-group diversity), every
-`--eval-every` epochs an evaluation callback has the policy sample a fixed evaluation set (fixed
-prompts and noise) whose images give `eval/drift` (RMS pixel distance to the base model's images
-for the same prompt and noise), `eval/reward` and `eval/caption_agreement` (world_all, whichever
-reward the run trains).
+`--eval-every` epochs the run's own evaluation (`eval=holdout`, docs/evaluation.md) has the policy
+sample `--eval-prompts` world prompts held out of training, with fixed noise, whose images give
+`eval/drift` (RMS pixel distance to the base model's images for the same prompt and noise),
+`eval/reward_mean` and `eval/caption_agreement_mean` (world_all, whichever reward the run trains).
 
 Reported (markdown + PNG plots in --out, also logged as artifacts of a summary run):
 - epochs to reach fixed reward targets, as the paper's Table 10, on the evaluation reward: the
@@ -46,22 +46,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcpo_hydra import build
-from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.config import validate
 from pcpo_hydra.config.hydra_setup import config_dir
-from pcpo_hydra.distributed import batch_seed
-from pcpo_hydra.rollout import sample_trajectories
+from pcpo_hydra.evaluation.callback import Evaluation
 from pcpo_hydra.tracking import MLflowTracker
 
 # The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
 # else the one beside this script (which also puts its conf/ on Hydra's search path).
 sys.path.append(str(Path(__file__).resolve().parent / "shapes_world"))
-from pcpo_shapes_world.rewards import caption_agreements  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "pcpo-hydra-paper-claims"
@@ -93,8 +89,10 @@ TARGET_FRACTIONS = (0.5, 0.75, 0.9)
 SMOOTHING = 2        # evaluation points in the moving average that must reach a target
 FINAL_EVALS = 3      # evaluation points averaged for a run's final reward
 FINAL_EPOCHS = 5     # epochs averaged for a run's final rollout reward (printed and tabled beside it)
-EVAL_SEED = 2024     # the evaluation set's noise: the same for every arm and seed
-CAPTION_AGREEMENT = caption_agreements()  # world_all's parts
+# The run's evaluation (docs/evaluation.md): held-out world prompts x the rollout group, noise seeded
+# alike for every arm and seed, scored by the training reward and by world_all (the caption agreement).
+EVALUATION = ["eval=holdout", "eval.seed=2024", "eval.group_size=${rollout.group_size}",
+              "+reward@eval.rewards.caption_agreement=world_all"]
 
 
 @dataclass
@@ -116,65 +114,28 @@ class RunRecord:
     def eval(self, epoch: int, metrics: dict[str, float]) -> None:
         self.eval_epochs.append(epoch)
         self.drift.append(metrics["eval/drift"])
-        self.eval_reward.append(metrics["eval/reward"])
-        self.caption_agreement.append(metrics["eval/caption_agreement"])
+        self.eval_reward.append(metrics["eval/reward_mean"])
+        self.caption_agreement.append(metrics["eval/caption_agreement_mean"])
 
 
-class EvalProbe:
-    """A fixed evaluation set (prompts x group, fixed noise) sampled by the policy as it trains."""
-
-    def __init__(self, trainer, prompts: int, group_size: int) -> None:
-        self.trainer = trainer
-        source = trainer.parts.prompts
-        step = max(len(source) // prompts, 1)
-        self.prompts = [source[(k * step) % len(source)] for k in range(prompts) for _ in range(group_size)]
-        self.base = self.sample()
-
-    def sample(self) -> torch.Tensor:
-        trainer = self.trainer
-        size = trainer.cfg.rollout.batch_size
-        device = trainer.accelerator.device
-        generators = [torch.Generator(device).manual_seed(batch_seed(EVAL_SEED, 0, k))
-                      for k in range(0, len(self.prompts), size)]
-        trainer.parts.model.network.eval()
-        return sample_trajectories(trainer.parts.model, trainer.parts.sampler, self.prompts, size, generators).images
-
-    def measure(self, images: torch.Tensor | None = None) -> dict[str, float]:
-        """Drift, reward and caption agreement (world_all, whatever the run trains) of the evaluation images.
-
-        `images`: already sampled ones (the base model's).
-        """
-        images = self.sample() if images is None else images
-        drift = ((images.float() - self.base.float()) ** 2).flatten(1).mean(1).sqrt().mean().item()
-        rewards, _ = self.trainer.parts.reward.score_parts(images, self.prompts)
-        agreement = torch.stack([part(images, self.prompts) for part in CAPTION_AGREEMENT]).mean()
-        return {"eval/drift": drift, "eval/reward": rewards.float().nanmean().item(),
-                "eval/caption_agreement": agreement.item()}
-
-
-class Evaluation(Callback):
-    """What the benchmark reads of a run as the loop trains it: the fixed-set evaluation and the record.
+class RecordedEvaluation(Evaluation):
+    """The run's own evaluation (conf/eval/holdout.yaml, set by run_overrides), noting what the benchmark reads.
 
     The record's seconds count from the base model's evaluation to the last epoch: the training
     and its evaluations, not building the model or opening the MLflow store.
     """
 
-    def __init__(self, record: RunRecord, prompts: int, every: int) -> None:
-        self.record, self.prompts, self.every = record, prompts, every
-        self.probe: EvalProbe | None = None
+    def __init__(self, cfg, record: RunRecord) -> None:
+        super().__init__(cfg)
+        self.record = record
         self.started = 0.0
 
     def maybe_evaluate(self, trainer, epoch: int) -> dict[str, float]:
-        """The probe's figures at epoch 0 (the base model, drift 0), every `every` epochs and at the last."""
-        if epoch == 0:  # the base model's images are what later drift is measured from
-            self.probe = EvalProbe(trainer, self.prompts, trainer.cfg.rollout.group_size)
+        if epoch == 0:
             self.started = time.perf_counter()
-            metrics = self.probe.measure(self.probe.base)
-        elif epoch % self.every == 0 or epoch == trainer.cfg.epochs:
-            metrics = self.probe.measure()
-        else:
-            return {}
-        self.record.eval(epoch, metrics)
+        metrics = super().maybe_evaluate(trainer, epoch)
+        if metrics:
+            self.record.eval(epoch, metrics)
         return metrics
 
     def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
@@ -195,7 +156,8 @@ def combine(*layers: list[str]) -> list[str]:
 
 def run_overrides(setting: str, arm_overrides: list[str], seed: int, args: argparse.Namespace) -> list[str]:
     run = [f"seed={seed}", f"epochs={args.epochs}", "checkpoint_every=0", "log_images_every=0",
-           f"logger.experiment_name={EXPERIMENT}"]
+           f"logger.experiment_name={EXPERIMENT}", *EVALUATION, f"eval.every={args.eval_every}",
+           f"eval.holdout={args.eval_prompts}"]
     return combine(SETTINGS[setting], arm_overrides, run, args.overrides)
 
 
@@ -212,7 +174,7 @@ def group_choices(overrides: list[str]) -> dict[str, str]:
 
 
 def fingerprint(cfg, args: argparse.Namespace) -> str:
-    """What a run's figures depend on: the resolved training config, the base model's files and the probe's size.
+    """What a run's figures depend on: the resolved training config (its evaluation included) and the base model's files.
 
     Left out: where it logs, and the CPU thread count (which reorders float sums, nothing more).
     A base model pretrained again (same folder, new files) is a new fingerprint.
@@ -220,7 +182,6 @@ def fingerprint(cfg, args: argparse.Namespace) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("logger", None)
     container["hardware"].pop("num_threads", None)
-    container["benchmark_probe"] = {"eval_every": args.eval_every, "eval_prompts": args.eval_prompts}
     pretrained = cfg.model.get("pretrained")
     folder = Path(pretrained) if pretrained else None  # a hub id is no folder: its revision is in the config
     if folder is not None and folder.is_dir():
@@ -254,7 +215,7 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
         return record
     run_dir = Path(args.out) / "runs" / f"{setting}_{arm}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # an unrecorded run starts over: its record needs every epoch
-    evaluation = Evaluation(RunRecord(setting, arm, seed), args.eval_prompts, args.eval_every)
+    evaluation = RecordedEvaluation(cfg.eval, RunRecord(setting, arm, seed))
     tags = {"benchmark": "paper_claims", "benchmark_id": benchmark_id, "setting": setting, "arm": arm, "seed": str(seed)}
     choices = group_choices(run_overrides(setting, arm_overrides, seed, args))
     build.run(cfg, run_dir, choices, arm_overrides + args.overrides, tags, callbacks=[evaluation])

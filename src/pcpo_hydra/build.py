@@ -115,7 +115,7 @@ def run(
     `resume=<dir>` sends a run there, and a requeued SLURM job comes back to its own.
     """
     stop = StopSignals().install()  # before the slow build: a signal then still gets its checkpoint
-    trainer = build_trainer(cfg, run_dir, callbacks=[*evaluation_callbacks(cfg), *callbacks])
+    trainer = build_trainer(cfg, run_dir, callbacks=[*evaluation_callbacks(cfg, callbacks), *callbacks])
     trainer.stop = stop
     tracker = trainer.tracker
     run_id = resume_from_checkpoint(trainer, run_dir)

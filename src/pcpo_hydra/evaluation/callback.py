@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -24,9 +25,11 @@ def drift(images: Tensor, base: Tensor) -> float:
     return ((images.float() - base.float()) ** 2).flatten(1).mean(1).sqrt().mean().item()
 
 
-def evaluation_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The run's evaluation, when `eval.every` asks for one."""
-    return [Evaluation(cfg.eval)] if cfg.eval.every else []
+def evaluation_callbacks(cfg: DictConfig, given: Sequence[Callback] = ()) -> list[Callback]:
+    """The run's evaluation when `eval.every` asks for one, unless `given` brings its own (a benchmark's subclass)."""
+    if not cfg.eval.every or any(isinstance(callback, Evaluation) for callback in given):
+        return []
+    return [Evaluation(cfg.eval)]
 
 
 class Evaluation(Callback):
