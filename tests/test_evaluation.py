@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,22 @@ def test_the_evaluation_images_are_the_same_in_two_runs_with_the_same_seed(compo
     assert torch.equal(first, _base_images(compose_cfg, tmp_path / "b"))
     assert torch.equal(first, torch.load(tmp_path / "a" / "eval_base_images.pt"))  # what a resumed run loads
     assert not torch.allclose(first, _base_images(compose_cfg, tmp_path / "c", "eval.seed=7"))
+
+
+@pytest.mark.integration
+def test_a_resumed_run_measures_drift_from_the_base_images_its_first_launch_saved(compose_cfg, tmp_path: Path) -> None:
+    from pcpo_hydra.build import build_trainer
+    from pcpo_hydra.evaluation.callback import Evaluation
+
+    _base_images(compose_cfg, tmp_path / "run")
+    cfg = validate(compose_cfg(*TINY, *EVAL))
+    for run_dir, drift in ((tmp_path / "run", 0.0), (tmp_path / "elsewhere", None)):
+        evaluation = Evaluation(cfg.eval)
+        trainer = build_trainer(cfg, run_dir, track=False, callbacks=[evaluation])
+        trainer.epoch = 1  # as resume_from_checkpoint leaves it: epoch 0 is not evaluated again
+        measured = evaluation.maybe_evaluate(trainer, 1)["eval/drift"]
+        # the same (untrained) weights: no drift from the saved images; without them, NaN rather than a guess
+        assert measured == 0.0 if drift == 0.0 else math.isnan(measured)
 
 
 @pytest.mark.integration
