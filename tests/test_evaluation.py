@@ -45,6 +45,17 @@ def test_a_bad_eval_key_is_one_line_naming_it(compose_cfg, overrides: list[str],
 
 
 @pytest.mark.integration
+def test_the_eval_sampler_and_rewards_are_preflighted_like_the_training_ones(compose_cfg) -> None:
+    from pcpo_hydra.preflight import component_nodes, preflight
+
+    cfg = validate(compose_cfg("eval=holdout", "+sampler@eval.sampler=ddim", "+reward@eval.rewards.text=ocr",
+                               "eval.rewards.text.tesseract_cmd=/nonexistent/t"))
+    keys = [key for key, _, _ in component_nodes(cfg)]
+    assert {"eval.sampler", "eval.rewards.text"} <= set(keys)
+    with pytest.raises(ConfigError, match=r"eval\.rewards\.text \(pcpo_hydra\.rewards\.ocr\.OcrReward\) needs"):
+        preflight(cfg, Path("unused"))
+
+
 def test_training_never_draws_the_held_out_prompts_and_draws_as_before_without_evaluation(
     compose_cfg, tmp_path: Path
 ) -> None:

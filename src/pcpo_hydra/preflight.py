@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from pcpo_hydra.checkpoint import checkpoint_root
 from pcpo_hydra.config import ConfigError
-from pcpo_hydra.config.registry import group_schemas, schema_for
+from pcpo_hydra.config.registry import group_schemas, nested_nodes, schema_for
 from pcpo_hydra.mlflow_store import store_problem
 from pcpo_hydra.paths import unwritable
 
@@ -43,9 +43,8 @@ def component_nodes(cfg: DictConfig) -> Iterator[tuple[str, type, Any]]:
     def walk(group: str, node: Any, key: str) -> Iterator[tuple[str, type, Any]]:
         schema = schema_for(group, node, key)
         yield key, schema, node
-        for field_name, child_group in getattr(schema, "NESTED", {}).items():
-            for name, child in node[field_name].items():
-                yield from walk(child_group, child, f"{key}.{field_name}.{name}")
+        for _, spec, child_key, _, child in nested_nodes(schema, node, key):
+            yield from walk(spec.group, child, child_key)
 
     for group in group_schemas():
         yield from walk(group, cfg[group], group)

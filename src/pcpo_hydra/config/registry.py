@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
 GROUPS = ("model", "sampler", "reward", "algorithm", "hardware", "prompts", "logger", "eval")
@@ -85,3 +86,27 @@ def schema_for(group: str, node: Any, key: str | None = None) -> type:
         return schemas[target]
     known = ", ".join(repr(t) for t in schemas if t is not None) or "(none: this group takes no _target_)"
     raise KeyError(f"{key or group}._target_={target!r}: must be one of {known}")
+
+
+@dataclass(frozen=True)
+class Nested:
+    """A schema field holding whole nodes of another group, each checked by that group's own schema.
+
+    A schema lists them as `NESTED = {field: Nested(group, ...)}` (a multi reward's components).
+    """
+
+    group: str
+    many: bool = True           # a map name -> node; else one node, or null for none
+    may_be_empty: bool = False  # an empty map is allowed (else it is an error naming the field)
+
+
+def nested_nodes(schema: type, node: Any, key: str) -> Iterator[tuple[str, Nested, str, Optional[str], Any]]:
+    """(field, spec, child key, name in its map or None, child node) for every nested node of `node`."""
+    for field_name, spec in getattr(schema, "NESTED", {}).items():
+        value = node.get(field_name) if hasattr(node, "get") else None
+        if not spec.many:
+            if value is not None:
+                yield field_name, spec, f"{key}.{field_name}", None, value
+            continue
+        for name, child in (value or {}).items():
+            yield field_name, spec, f"{key}.{field_name}.{name}", name, child

@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pcpo_hydra.checkpoint import intact_checkpoint
 from pcpo_hydra.config.checks import violations
-from pcpo_hydra.config.registry import group_schemas, schema_for
+from pcpo_hydra.config.registry import group_schemas, nested_nodes, schema_for
 from pcpo_hydra.config.run_schema import RunSchema
 from pcpo_hydra.algorithms.steps import trained_steps
 
@@ -114,17 +114,19 @@ def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> 
     except KeyError as exc:
         problems.append(str(exc.args[0]))
         return None
-    nested = getattr(schema, "NESTED", {})
+    maps = {name: spec for name, spec in getattr(schema, "NESTED", {}).items() if spec.many}
     # Hydra drops a node whose last option was removed (~reward@reward.components.x): that is an empty one
-    absent = {field_name: {} for field_name in nested if field_name not in node}
+    absent = {field_name: {} for field_name in maps if field_name not in node}
     typed = _typed(schema, OmegaConf.merge(node, absent) if absent else node, key, problems)
-    for field_name, child_group in nested.items():
-        children = node.get(field_name) or {}
-        if typed is not None and not children:
-            problems.append(f"{key}.{field_name}: is empty; give at least one {child_group} node")
-        for name, child in children.items():
-            child_typed = _check_node(child_group, child, f"{key}.{field_name}.{name}", problems)
-            if typed is not None and child_typed is not None:
+    for field_name, spec in maps.items():
+        if typed is not None and not node.get(field_name) and not spec.may_be_empty:
+            problems.append(f"{key}.{field_name}: is empty; give at least one {spec.group} node")
+    for field_name, spec, child_key, name, child in nested_nodes(schema, node, key):
+        child_typed = _check_node(spec.group, child, child_key, problems)
+        if typed is not None and child_typed is not None:
+            if name is None:
+                typed[field_name] = child_typed
+            else:
                 typed[field_name][name] = child_typed
     return typed
 

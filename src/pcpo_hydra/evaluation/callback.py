@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig

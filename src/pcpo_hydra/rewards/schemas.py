@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 from pcpo_hydra.config.checks import Constraint, at_least, checked, interval, one_of, positive
 from pcpo_hydra.config.needs import Executable, PythonModule
-from pcpo_hydra.config.registry import register
+from pcpo_hydra.config.registry import Nested, register
 from pcpo_hydra.models.schemas import PretrainedSchema
 from pcpo_hydra.rewards.health import RewardServerUp
 
@@ -96,7 +96,7 @@ class OcrSchema:
 class MultiRewardSchema:
     """Each component is a whole reward node, checked against its own schema (see NESTED)."""
 
-    NESTED: ClassVar[dict[str, str]] = {"components": "reward"}  # field -> group its values belong to
+    NESTED: ClassVar[dict[str, Nested]] = {"components": Nested("reward")}
     _target_: str = "pcpo_hydra.rewards.multi.MultiReward"
     components: Dict[str, Any] = MISSING
     weights: Dict[str, float] = MISSING
