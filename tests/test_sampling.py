@@ -48,9 +48,10 @@ def _images(family: str, lora: bool, weights_dir: Path | None = None):
     return sample_images(model, make_sampler(model).deterministic(), PROMPTS, SEEDS, batch_size=2)
 
 
-def _guided(family: str, policies: dict[str, Path], weights: dict[str, float]) -> tuple:
-    build, make_sampler, _ = FAMILIES[family]
-    model = build()
+def _guided(family: str, policies: dict[str, Path], weights: dict[str, float], lora: bool = False) -> tuple:
+    """A base model carrying `policies`; with `lora`, built with its own (untrained) adapter, as from a LoRA run's config."""
+    build, make_sampler, lora_settings = FAMILIES[family]
+    model = build(lora=lora_settings if lora else None)
     loaded = {name: load_policy(model, name, folder) for name, folder in policies.items()}
     return model, make_sampler(model).deterministic(), GuidedModel(model, loaded, weights)
 
@@ -60,7 +61,7 @@ def _guided(family: str, policies: dict[str, Path], weights: dict[str, float]) -
 def test_irg_ends_are_exact(family: str, lora: bool, tmp_path: Path) -> None:
     """w = 0: the base model's images bit for bit; w = 1 for one policy: that policy's, bit for bit."""
     a, b = _policy(family, lora, tmp_path / "a", 1), _policy(family, lora, tmp_path / "b", 2)
-    model, sampler, zero = _guided(family, {"a": a, "b": b}, {"a": 0.0, "b": 0.0})
+    model, sampler, zero = _guided(family, {"a": a, "b": b}, {"a": 0.0, "b": 0.0}, lora)
     base = _images(family, lora=False)
     assert torch.equal(sample_images(model, sampler, PROMPTS, SEEDS, 2, predict=zero.predict), base)
     one = GuidedModel(model, {"a": load_policy(model, "a2", a), "b": load_policy(model, "b2", b)},
