@@ -4,7 +4,8 @@ Torch-free: everything here runs before the model is built, so a bad key fails i
 
 A policy source is a run directory (its `final_weights`, else its newest intact checkpoint's
 `weights`), or a weights folder itself (what `save_trainable` writes: a LoRA adapter or a full
-network). A run directory also knows what it was trained from: the first run among `policy` and
+network). A run directory, and a weights folder inside one (its final_weights, a checkpoint's
+weights), also knows what it was trained from: the first such source among `policy` and
 `irg.policies` supplies the `model` and `sampler` nodes of its saved .hydra/config.yaml (its tiny
 model's weight seed included), except where the command line chooses or sets them.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
 from pcpo_hydra.config.checks import checked, positive
@@ -80,8 +82,17 @@ def irg_weights(cfg: DictConfig) -> dict[str, float]:
 
 
 def _saved_config(source: str) -> DictConfig | None:
-    saved = Path(source) / ".hydra" / "config.yaml"
-    return OmegaConf.load(saved) if saved.is_file() else None
+    """The saved config of the run a source belongs to: the run dir itself, or one above its weights.
+
+    A run's final_weights is one level below it, a checkpoint's weights three
+    (<run>/checkpoints/epoch_N/weights).
+    """
+    path = Path(source).resolve()
+    for folder in [path, *path.parents[:3]]:
+        saved = folder / ".hydra" / "config.yaml"
+        if saved.is_file():
+            return OmegaConf.load(saved)
+    return None
 
 
 def _overridden(overrides: list[str]) -> tuple[bool, list[str]]:
@@ -143,8 +154,11 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     Keys a model's recipe adds for training (epochs, rollout, ...) are dropped before typing: a
     key typed on the command line that the config lacks Hydra itself refuses.
     """
-    known = [f.name for f in fields(SampleSchema)]
-    cfg = OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in known if k in cfg})
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError([f"{exc.full_key}: {exc.msg}"]) from None
+    cfg = OmegaConf.create({f.name: resolved[f.name] for f in fields(SampleSchema) if f.name in resolved})
     typed = check_tree(cfg, SampleSchema, GROUPS)
     typed = check_tree(with_run_config(typed, overrides), SampleSchema, GROUPS)
     problems = _family_problems(typed) + _policy_problems(typed)
