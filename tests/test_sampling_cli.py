@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from glob import glob
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,8 @@ def test_sample_of_the_base_model_and_a_zero_weight_irg_policy(trained_run: Path
     ("irg.weights={aes:1.5}", "irg.weights.aes: names no policy; set irg.policies.aes=<run dir or weights folder>"),
     ("sampler=flowgrpo_sde", "sampler._target_='pcpo_hydra.samplers.build_flowgrpo_sampler': a flow sampler "
                              "cannot step"),
+    pytest.param("hardware=gpu1", "hardware.device='cuda': this machine has no NVIDIA GPU (no /dev/nvidia*)",
+                 marks=pytest.mark.skipif(bool(glob("/dev/nvidia[0-9]*")), reason="this machine has a GPU")),
 ])
 def test_a_bad_key_fails_in_one_line_with_exit_2(tmp_path: Path, override: str, message: str) -> None:
     result = pcpo_sample(tmp_path, override, f"out={tmp_path / 'never'}")

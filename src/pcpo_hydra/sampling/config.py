@@ -21,7 +21,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
 from pcpo_hydra.config.checks import checked, positive
+from pcpo_hydra.config.registry import schema_for
 from pcpo_hydra.config.validation import ConfigError, _family_problems, check_tree
+from pcpo_hydra.paths import unwritable
+from pcpo_hydra.preflight import device_problems
 
 FINAL_WEIGHTS = "final_weights"  # what build.run writes into a finished run's directory
 WEIGHT_FILES = ("adapter_model.safetensors", "diffusion_pytorch_model.safetensors")  # LoRA, full
@@ -161,8 +164,20 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     cfg = OmegaConf.create({f.name: resolved[f.name] for f in fields(SampleSchema) if f.name in resolved})
     typed = check_tree(cfg, SampleSchema, GROUPS)
     typed = check_tree(with_run_config(typed, overrides), SampleSchema, GROUPS)
-    problems = _family_problems(typed) + _policy_problems(typed)
+    problems = _family_problems(typed) + _policy_problems(typed) + machine_problems(typed)
     if problems:
         raise ConfigError(problems)
     OmegaConf.set_readonly(typed, True)
     return typed
+
+
+def machine_problems(cfg: DictConfig) -> list[str]:
+    """What this machine lacks for the config, as pcpo-train's preflight asks: the groups' NEEDS, the device, `out`."""
+    problems = [problem for group in ("model", "sampler", "prompts")
+                for need in getattr(schema_for(group, cfg[group]), "NEEDS", ())
+                if (problem := need.problem(cfg[group], group))]
+    problems += device_problems(cfg.hardware)
+    unwritable_out = unwritable(Path(cfg.out))
+    if unwritable_out:
+        problems.append(f"out={cfg.out!r}: cannot write there ({unwritable_out}); set out=<writable folder>")
+    return problems
