@@ -86,6 +86,17 @@ class BaseSampler(ABC):
         other._reset_cache()
         return other
 
+    def deterministic(self) -> BaseSampler:
+        """A copy whose every step has std 0: DDIM at eta 0, the flow ODE's Euler step.
+
+        Sampling only (pcpo-sample): a zero-std step has no log-density, so `log_prob` refuses it.
+        The std bounds are not checked here, since 0 is below every step's (open) lower end.
+        """
+        other = copy.copy(self)
+        other._std_override = torch.zeros(self.num_steps, dtype=torch.float64)
+        other._reset_cache()
+        return other
+
     def stds(self) -> Tensor:
         """Tensor[T] float64: the std each step samples with (override, else native)."""
         return self._table()[2].clone()
