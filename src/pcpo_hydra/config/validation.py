@@ -135,7 +135,7 @@ def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> 
 _SAMPLERS_OF = {"diffusion": "sampler=ddim", "flow": "sampler=dancegrpo_sde or sampler=flowgrpo_sde"}
 
 
-def _family_problems(cfg: DictConfig) -> list[str]:
+def family_problems(cfg: DictConfig) -> list[str]:
     """A sampler steps one kind of network output (epsilon or velocity): the model must predict it."""
     model, sampler = schema_for("model", cfg.model).FAMILY, schema_for("sampler", cfg.sampler).FAMILY
     if model == sampler:
@@ -149,7 +149,7 @@ def _family_problems(cfg: DictConfig) -> list[str]:
 
 def _cross_checks(cfg: DictConfig) -> list[str]:
     """Relations between keys that no single field can check."""
-    problems = _family_problems(cfg)
+    problems = family_problems(cfg)
     rollout, train = cfg.rollout, cfg.train
     total = rollout.prompts_per_epoch * rollout.group_size
     where = f"rollout.prompts_per_epoch x rollout.group_size = {total} images per epoch"

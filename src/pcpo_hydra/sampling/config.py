@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
 from pcpo_hydra.config.checks import checked, positive
 from pcpo_hydra.config.registry import schema_for
-from pcpo_hydra.config.validation import ConfigError, _family_problems, check_tree
+from pcpo_hydra.config.validation import ConfigError, family_problems, check_tree
 from pcpo_hydra.paths import unwritable
 from pcpo_hydra.preflight import device_problems
 
@@ -164,7 +164,7 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     cfg = OmegaConf.create({f.name: resolved[f.name] for f in fields(SampleSchema) if f.name in resolved})
     typed = check_tree(cfg, SampleSchema, GROUPS)
     typed = check_tree(with_run_config(typed, overrides), SampleSchema, GROUPS)
-    problems = _family_problems(typed) + _policy_problems(typed) + machine_problems(typed)
+    problems = family_problems(typed) + _policy_problems(typed) + machine_problems(typed)
     if problems:
         raise ConfigError(problems)
     OmegaConf.set_readonly(typed, True)
