@@ -10,7 +10,6 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.checkpoint import latest_checkpoint
 from pcpo_hydra.config import ConfigError, validate
-from pcpo_hydra.config.command_line import command_line_problems
+from pcpo_hydra.config.command_line import checked_command, config_error
 from pcpo_hydra.config.hydra_setup import config_dir, register_resolvers
 from pcpo_hydra.config.resume import resumed_config
 from pcpo_hydra.preemption import interrupted_message, resume_command
@@ -30,17 +29,8 @@ register_resolvers()  # before @hydra.main composes: conf/train.yaml's run dir u
 
 
 def main() -> None:
-    """The `pcpo-train` command: its command line checked first (Hydra's errors there say no fix), then Hydra."""
-    problems = command_line_problems(sys.argv[1:], config_dir(), "train")
-    if problems:
-        config_error(ConfigError(problems))
-    train()
-
-
-def config_error(error: ConfigError) -> NoReturn:
-    """Report a config the machine cannot run, with exit status 2."""
-    print(f"pcpo-train: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
+    """The `pcpo-train` command."""
+    checked_command("pcpo-train", "train", train)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -51,7 +41,7 @@ def train(cfg: DictConfig) -> float:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         preflight(cfg, run_dir)
     except ConfigError as exc:
-        config_error(exc)
+        config_error("pcpo-train", exc)
     from pcpo_hydra.run_lock import RunDirBusy, hold_run_dir
 
     try:

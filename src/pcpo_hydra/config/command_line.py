@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -19,7 +22,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from pcpo_hydra.config.hydra_setup import register_resolvers
+from pcpo_hydra.config.hydra_setup import config_dir, register_resolvers
+from pcpo_hydra.config.validation import ConfigError
 from pcpo_hydra.paths import unwritable
 
 # Hydra's words for an override whose key the config lacks (`key=v`, `~key`).
@@ -115,3 +119,17 @@ def _did_you_mean(cfg: DictConfig | None, key: str) -> str:
         meant = ".".join([*parts[:depth], close[0], *parts[depth + 1:]])
         return f"{key}: no such key; did you mean {meant}?"
     return f"{key}: no such key; {where} has {', '.join(map(str, keys)) or 'no keys'}"
+
+
+def config_error(command: str, error: ConfigError) -> NoReturn:
+    """Report a config the machine cannot run, with exit status 2."""
+    print(f"{command}: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def checked_command(command: str, config_name: str, hydra_main: Callable[[], object]) -> None:
+    """An entry point: its command line checked first (Hydra's own errors there say no fix), then Hydra."""
+    problems = command_line_problems(sys.argv[1:], config_dir(), config_name)
+    if problems:
+        config_error(command, ConfigError(problems))
+    hydra_main()

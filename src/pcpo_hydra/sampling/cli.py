@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pcpo_hydra.config import ConfigError
-from pcpo_hydra.config.command_line import command_line_problems
+from pcpo_hydra.config.command_line import checked_command, config_error
 from pcpo_hydra.config.hydra_setup import config_dir, register_resolvers
 from pcpo_hydra.sampling.config import check_config, sources, weights_folder
 
@@ -26,16 +25,8 @@ register_resolvers()  # conf/sample.yaml's output folder reads through them
 
 
 def main() -> None:
-    """The `pcpo-sample` command: its command line checked first, as pcpo-train's is, then Hydra."""
-    problems = command_line_problems(sys.argv[1:], config_dir(), "sample")
-    if problems:
-        config_error(ConfigError(problems))
-    sample()
-
-
-def config_error(error: ConfigError) -> NoReturn:
-    print(f"pcpo-sample: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
+    """The `pcpo-sample` command."""
+    checked_command("pcpo-sample", "sample", sample)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="sample")
@@ -43,7 +34,7 @@ def sample(cfg: DictConfig) -> None:
     try:
         cfg = check_config(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as exc:
-        config_error(exc)
+        config_error("pcpo-sample", exc)
     from pcpo_hydra.sampling.run import MANIFEST, PolicyLoadError, write_samples
     from pcpo_hydra.weights import ModelLoadError
 
