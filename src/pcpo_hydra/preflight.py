@@ -10,7 +10,7 @@ second instead of after the model is built.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,7 @@ from pcpo_hydra.paths import unwritable
 
 def preflight(cfg: DictConfig, run_dir: Path) -> None:
     """Raise ConfigError listing everything this machine lacks for the validated `cfg` run in `run_dir`."""
-    problems = [problem for key, schema, node in component_nodes(cfg)
-                for need in getattr(schema, "NEEDS", ()) if (problem := need.problem(node, key))]
+    problems = need_problems(cfg)
     problems += folder_problems(cfg, run_dir)
     store = store_problem(cfg.logger.tracking_uri)
     if store:
@@ -37,8 +36,14 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError(problems)
 
 
-def component_nodes(cfg: DictConfig) -> Iterator[tuple[str, type, Any]]:
-    """(key, schema, node) of every group node, and of the nodes nested in them (a multi reward's components)."""
+def need_problems(cfg: DictConfig, groups: Iterable[str] | None = None) -> list[str]:
+    """What the NEEDS of the nodes of `groups` (default: every registered group), nested ones included, lack."""
+    return [problem for key, schema, node in component_nodes(cfg, groups)
+            for need in getattr(schema, "NEEDS", ()) if (problem := need.problem(node, key))]
+
+
+def component_nodes(cfg: DictConfig, groups: Iterable[str] | None = None) -> Iterator[tuple[str, type, Any]]:
+    """(key, schema, node) of every node of `groups` (default: all) and of the nodes nested in them."""
 
     def walk(group: str, node: Any, key: str) -> Iterator[tuple[str, type, Any]]:
         schema = schema_for(group, node, key)
@@ -46,7 +51,7 @@ def component_nodes(cfg: DictConfig) -> Iterator[tuple[str, type, Any]]:
         for _, spec, child_key, _, child in nested_nodes(schema, node, key):
             yield from walk(spec.group, child, child_key)
 
-    for group in group_schemas():
+    for group in group_schemas() if groups is None else groups:
         yield from walk(group, cfg[group], group)
 
 

@@ -21,10 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
 from pcpo_hydra.config.checks import checked, positive
-from pcpo_hydra.config.registry import schema_for
 from pcpo_hydra.config.validation import ConfigError, family_problems, check_tree
 from pcpo_hydra.paths import unwritable
-from pcpo_hydra.preflight import device_problems
+from pcpo_hydra.preflight import device_problems, need_problems
 
 FINAL_WEIGHTS = "final_weights"  # what build.run writes into a finished run's directory
 WEIGHT_FILES = ("adapter_model.safetensors", "diffusion_pytorch_model.safetensors")  # LoRA, full
@@ -173,9 +172,7 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def machine_problems(cfg: DictConfig) -> list[str]:
     """What this machine lacks for the config, as pcpo-train's preflight asks: the groups' NEEDS, the device, `out`."""
-    problems = [problem for group in ("model", "sampler", "prompts")
-                for need in getattr(schema_for(group, cfg[group]), "NEEDS", ())
-                if (problem := need.problem(cfg[group], group))]
+    problems = need_problems(cfg, ("model", "sampler", "prompts"))
     problems += device_problems(cfg.hardware)
     unwritable_out = unwritable(Path(cfg.out))
     if unwritable_out:
