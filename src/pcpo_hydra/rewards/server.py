@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pcpo_hydra.config import ConfigError
 from pcpo_hydra.config.checks import at_least, checked, interval, positive
+from pcpo_hydra.config.command_line import config_error
 from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.config.validation import check_tree
 from pcpo_hydra.rewards.schemas import RemoteRewardSchema
@@ -57,8 +58,7 @@ def main(cfg: DictConfig) -> None:
     try:
         cfg = check_config(cfg)
     except ConfigError as exc:
-        print(f"pcpo-reward-server: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        config_error("pcpo-reward-server", exc)
     import torch
 
     from pcpo_hydra.rewards.http_server import serve
