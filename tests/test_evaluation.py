@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -29,7 +30,11 @@ def test_the_holdout_is_evenly_spaced_disjoint_from_training_and_the_same_each_t
 @pytest.mark.parametrize("overrides, expected", [
     (["eval.seed=-1"], "eval.seed=-1: must be a number in [0, 4294967295]"),
     (["eval.every=-1"], "eval.every=-1: must be a number >= 0"),
-    (["eval.holdout=0"], "eval.holdout=0: evaluation (eval.every=10) needs held-out prompts; set eval.holdout>=1"),
+    (["eval.holdout=0"], "eval.holdout=0: evaluation (eval.every=10) needs held-out prompts; set eval.holdout>=1, "
+                         "or give a prompt set: +prompts@eval.prompts=<option>"),
+    (["+prompts@eval.prompts=activities"], "eval.holdout=4: eval.prompts is set, so nothing is held out of "
+                                           "training; set eval.holdout=0"),
+    (["eval.holdout=0", "+prompts@eval.prompts=file", "eval.prompts.path=/nonexistent.txt"], "eval.prompts.path="),
     (["eval.group_size=0"], "eval.group_size=0: must be a number > 0"),
     (["+eval.rewards.extra={_target_: nope}"], "eval.rewards.extra._target_='nope': must be one of"),
     (["+reward@eval.rewards.aes=aesthetic", "eval.rewards.aes.batch_size=0"],
@@ -133,3 +138,31 @@ def test_a_run_logs_each_reward_drift_and_a_grid_at_epoch_0_every_and_the_last_e
         assert history["eval/size_std"][step] == pytest.approx(history["eval/reward_std"][step])
     grids = {a.path for a in client.list_artifacts(logged.info.run_id, "eval")}
     assert grids == {"eval/epoch_00000.png", "eval/epoch_00002.png", "eval/epoch_00003.png"}
+    # the run dir keeps the same numbers, one line per evaluation, for matched-reward checkpoint choice
+    lines = [json.loads(line) for line in (tmp_path / "run" / "eval_history.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 2, 3]
+    for line in lines:
+        for key, values in history.items():
+            assert line[key] == pytest.approx(values[line["epoch"]]), key
+
+
+@pytest.mark.integration
+def test_evaluation_is_deterministic_sampling_with_seed_plus_j_as_pcpo_sample_draws(compose_cfg, tmp_path: Path) -> None:
+    from pcpo_hydra.build import build_trainer
+    from pcpo_hydra.evaluation.callback import Evaluation
+    from pcpo_hydra.sampling.guidance import sample_images
+
+    cfg = validate(compose_cfg(*TINY, *EVAL, "eval.holdout=0", "+prompts@eval.prompts=list", "eval.seed=11"))
+    evaluation = Evaluation(cfg.eval)
+    trainer = build_trainer(cfg, tmp_path / "run", track=False, callbacks=[evaluation])
+    assert len(trainer.parts.prompts) == 45  # a prompt set of its own: training keeps all of its prompts
+    evaluation.maybe_evaluate(trainer, 0)
+    prompts = ["a red car", "a dog on a beach", "a bowl of fruit"]
+    assert evaluation.prompts == [p for p in prompts for _ in range(2)] and evaluation.seeds == [11, 12] * 3
+    assert evaluation.sampler.stds().abs().max() == 0.0  # DDIM at eta 0: no noise after the first latent
+    model, sampler = trainer.parts.model, trainer.parts.sampler.deterministic()
+    expected = sample_images(model, sampler, evaluation.prompts, [11, 12] * 3, batch_size=1)
+    assert torch.allclose(evaluation.base, expected, atol=1e-5)  # any batching: each image's noise is its seed's
+    noisy = Evaluation(validate(compose_cfg(*TINY, *EVAL, "eval.deterministic=false")).eval)
+    assert noisy.maybe_evaluate(build_trainer(cfg, tmp_path / "b", track=False, callbacks=[noisy]), 0) is not None
+    assert noisy.sampler.stds().abs().max() > 0.0

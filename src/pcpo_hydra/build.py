@@ -68,7 +68,7 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     prompts = instantiate(cfg.prompts)
     model.use_text_cache(cfg.text_cache_dir)
     model.prepare_text([prompts[k] for k in range(len(prompts))])
-    if cfg.eval.every:  # training never draws the evaluation's prompts; without evaluation it draws them all
+    if cfg.eval.every and cfg.eval.holdout:  # training never draws the held-out prompts; else it draws them all
         prompts, _ = split_holdout(prompts, cfg.eval.holdout)
     algorithm = instantiate_algorithm(cfg.algorithm, cfg.rollout.group_size)
     sampler = algorithm.prepare(model, instantiate(cfg.sampler, model=model))

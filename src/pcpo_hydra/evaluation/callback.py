@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
@@ -11,10 +12,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from pcpo_hydra.callbacks import Callback
-from pcpo_hydra.distributed import batch_seed
+from pcpo_hydra.evaluation.matching import EVAL_HISTORY
 from pcpo_hydra.loop import GRID_IMAGES, Trainer, reward_stats
 from pcpo_hydra.prompts import split_holdout
-from pcpo_hydra.rollout import sample_trajectories
+from pcpo_hydra.sampling.guidance import sample_images
+from pcpo_hydra.writes import written
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,13 @@ def evaluation_callbacks(cfg: DictConfig, given: Sequence[Callback] = ()) -> lis
 class Evaluation(Callback):
     """`eval.every` epochs apart, at the last epoch and at epoch 0 (the base model): sample, score, log.
 
-    The set is `eval.holdout` prompts carved off the training set (build_components keeps them out
-    of the training draws), each `eval.group_size` times, with noise fixed by `eval.seed`, so two
-    evaluations differ only by the policy. Drift is measured from the base model's images, sampled
-    at epoch 0 and saved in the run dir; a resumed run loads them from there.
+    The set is `eval.prompts`, or `eval.holdout` prompts carved off the training set (build_components
+    keeps them out of the training draws), each `eval.group_size` times; image j of a prompt has seed
+    `eval.seed + j`, so two evaluations differ only by the policy, and `pcpo-sample` with those seeds
+    draws the same images from a checkpoint. The sampler runs deterministically (`eval.deterministic`).
+    Drift is measured from the base model's images, sampled at epoch 0 and saved in the run dir; a
+    resumed run loads them from there. Rank 0 appends each evaluation to `eval_history.jsonl` in the
+    run dir, which matched-reward checkpoint choice reads (`evaluation.matching`).
 
     Every rank samples the whole set with the same calls (so ZeRO-3's parameter gathers line up)
     and no collective; rank 0 scores, and its tracker logs the grid (the others hold a NullTracker).
@@ -48,6 +53,7 @@ class Evaluation(Callback):
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.prompts: list[str] = []
+        self.seeds: list[int] = []
         self.sampler = None
         self.rewards: dict[str, object] = {}
         self.base: Tensor | None = None
@@ -68,15 +74,25 @@ class Evaluation(Callback):
                 torch.save(images.cpu(), trainer.run_dir / BASE_IMAGES)
         if not trainer.accelerator.is_main_process:
             return {}
-        return self.measure(trainer, epoch, images)
+        metrics = self.measure(trainer, epoch, images)
+        history = trainer.run_dir / EVAL_HISTORY
+        history.parent.mkdir(parents=True, exist_ok=True)
+        with written(history, remove=False), open(history, "a") as lines:  # a resumed run appends; the last line of an epoch wins
+            lines.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+        return metrics
 
     def setup(self, trainer: Trainer) -> None:
         """The held-out prompts, the sampler, the rewards, and (when resuming) the base model's images."""
-        _, held_out = split_holdout(instantiate(trainer.cfg.prompts), self.cfg.holdout)
-        self.prompts = [p for p in held_out.prompts for _ in range(self.cfg.group_size)]
+        if self.cfg.prompts is None:
+            _, evaluated = split_holdout(instantiate(trainer.cfg.prompts), self.cfg.holdout)
+        else:
+            evaluated = instantiate(self.cfg.prompts)
+        self.prompts = [p for p in evaluated.prompts for _ in range(self.cfg.group_size)]
+        self.seeds = [self.cfg.seed + j for _ in evaluated.prompts for j in range(self.cfg.group_size)]
         model = trainer.parts.model
-        self.sampler = (trainer.parts.sampler if self.cfg.sampler is None
-                        else instantiate(self.cfg.sampler, model=model))
+        sampler = (trainer.parts.sampler if self.cfg.sampler is None
+                   else instantiate(self.cfg.sampler, model=model))
+        self.sampler = sampler.deterministic() if self.cfg.deterministic else sampler
         self.rewards = {"reward": trainer.parts.reward,  # the training reward's own object, not a second copy
                         **{name: instantiate(node, _convert_="all") for name, node in self.cfg.rewards.items()}}
         base_file = trainer.run_dir / BASE_IMAGES
@@ -87,13 +103,10 @@ class Evaluation(Callback):
                 log.warning("no %s in %s: eval/drift is NaN for this run", BASE_IMAGES, trainer.run_dir)
 
     def sample(self, trainer: Trainer) -> Tensor:
-        """The evaluation images: the same prompts and noise each time, so only the policy changes them."""
-        size = trainer.cfg.rollout.batch_size
-        device = trainer.accelerator.device
-        generators = [torch.Generator(device).manual_seed(batch_seed(self.cfg.seed, 0, start))
-                      for start in range(0, len(self.prompts), size)]
+        """The evaluation images: the same prompts and seeds each time, so only the policy changes them."""
         trainer.parts.model.network.eval()
-        return sample_trajectories(trainer.parts.model, self.sampler, self.prompts, size, generators).images
+        return sample_images(trainer.parts.model, self.sampler, self.prompts, self.seeds,
+                             trainer.cfg.rollout.batch_size)
 
     def measure(self, trainer: Trainer, epoch: int, images: Tensor) -> dict[str, float]:
         """eval/<reward>_mean and _std, eval/drift; the captioned grid for epochs the tracker lacks."""

@@ -1,0 +1,2 @@
+"""Placeholder replaced by the eval-stats branch."""
+EVAL_HISTORY = "eval_history.jsonl"
