@@ -47,7 +47,8 @@ def mixed_models(per_prompt: pd.DataFrame, metrics: list[str], baseline: str,
                  policies_order: list[str]) -> pd.DataFrame:
     """For each metric, `value ~ C(policy, Treatment(baseline))` with prompt as random intercept (REML).
 
-    One row per metric and non-baseline policy (columns MODEL_COLUMNS), in `policies_order`.
+    One row per metric and non-baseline policy (columns MODEL_COLUMNS), in `policies_order` (policies
+    it does not name come after, sorted).
     Rows whose metric is NaN are dropped first; a policy left with none gets no row for that metric.
     If the baseline has none (fidelity of the reference to itself), the first policy of
     `policies_order` that has rows is the baseline instead, and the `baseline` column says
@@ -66,8 +67,8 @@ def mixed_models(per_prompt: pd.DataFrame, metrics: list[str], baseline: str,
     for metric in metrics:
         data = per_prompt.loc[per_prompt[metric].notna(), ["policy", "prompt", metric]]
         data = data.rename(columns={metric: "value"})
-        present = [p for p in policies_order if p in set(data["policy"])]
-        present += sorted(set(data["policy"]) - set(present))
+        found = set(data["policy"])
+        present = [p for p in policies_order if p in found] + sorted(found - set(policies_order))
         if not present:
             continue
         chosen = baseline if baseline in present else present[0]
