@@ -34,15 +34,26 @@ def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def saved_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """Every checkpoint folder of a run by epoch, oldest first, intact or not (see `damage`).
+
+    A folder counts when it has a manifest or, saved before manifests existed, its trainer state.
+    """
+    found = {}
+    for path in checkpoint_root(run_dir).glob(f"{_PREFIX}*"):
+        epoch = path.name.removeprefix(_PREFIX)
+        if epoch.isdigit() and ((path / TRAINER_STATE).is_file() or (path / MANIFEST).is_file()):
+            found[int(epoch)] = path
+    return dict(sorted(found.items()))
+
+
 def intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint whose files match its manifest (or None), and what is wrong with newer ones.
 
     A checkpoint saved before manifests existed counts as intact when its trainer state is there.
     """
-    root = checkpoint_root(run_dir)
-    found = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / TRAINER_STATE).is_file() or (p / MANIFEST).is_file())
     damaged = []
-    for checkpoint in reversed(found):
+    for checkpoint in reversed(saved_checkpoints(run_dir).values()):
         problem = damage(checkpoint)
         if problem is None:
             return checkpoint, damaged
