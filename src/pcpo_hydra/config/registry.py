@@ -101,12 +101,16 @@ class Nested:
 
 
 def nested_nodes(schema: type, node: Any, key: str) -> Iterator[tuple[str, Nested, str, Optional[str], Any]]:
-    """(field, spec, child key, name in its map or None, child node) for every nested node of `node`."""
+    """(field, spec, child key, name in its map or None, child node) for every nested node of `node`.
+
+    `key` is where `node` sits ("" for a command's root config).
+    """
     for field_name, spec in getattr(schema, "NESTED", {}).items():
         value = node.get(field_name) if hasattr(node, "get") else None
+        field_key = f"{key}.{field_name}" if key else field_name
         if not spec.many:
             if value is not None:
-                yield field_name, spec, f"{key}.{field_name}", None, value
+                yield field_name, spec, field_key, None, value
             continue
         for name, child in (value or {}).items():
-            yield field_name, spec, f"{key}.{field_name}.{name}", name, child
+            yield field_name, spec, f"{field_key}.{name}", name, child

@@ -121,6 +121,12 @@ def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> 
     for field_name, spec in maps.items():
         if typed is not None and not node.get(field_name) and not spec.may_be_empty:
             problems.append(f"{key}.{field_name}: is empty; give at least one {spec.group} node")
+    _check_nested(schema, node, key, typed, problems)
+    return typed
+
+
+def _check_nested(schema: type, node: DictConfig, key: str, typed: DictConfig | None, problems: list[str]) -> None:
+    """Type each node nested in `node` (schema.NESTED) by its own group's schema, into `typed`."""
     for field_name, spec, child_key, name, child in nested_nodes(schema, node, key):
         child_typed = _check_node(spec.group, child, child_key, problems)
         if typed is not None and child_typed is not None:
@@ -128,7 +134,6 @@ def _check_node(group: str, node: DictConfig, key: str, problems: list[str]) -> 
                 typed[field_name] = child_typed
             else:
                 typed[field_name][name] = child_typed
-    return typed
 
 
 # The sampler options of each model family, for the error that pairs them.
@@ -197,6 +202,7 @@ def check_tree(cfg: DictConfig, schema: type, groups: Iterable[str]) -> DictConf
     except OmegaConfBaseException as exc:
         raise ConfigError([f"{exc.full_key}: {exc.msg}"]) from None
     typed = _typed(schema, cfg, "", problems)
+    _check_nested(schema, cfg, "", typed, problems)  # a command's own nested nodes (pcpo-eval's rewards)
     nodes = {group: _check_node(group, cfg[group], group, problems) for group in groups}
     if problems or typed is None or any(node is None for node in nodes.values()):
         raise ConfigError(problems)

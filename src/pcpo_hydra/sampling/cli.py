@@ -35,7 +35,7 @@ def sample(cfg: DictConfig) -> None:
         cfg = check_config(cfg, list(HydraConfig.get().overrides.task))
     except ConfigError as exc:
         config_error("pcpo-sample", exc)
-    from pcpo_hydra.sampling.run import MANIFEST, PolicyLoadError, write_samples
+    from pcpo_hydra.sampling.run import MANIFEST, PolicyLoadError, log_samples, write_samples
     from pcpo_hydra.weights import ModelLoadError
 
     try:
@@ -44,11 +44,13 @@ def sample(cfg: DictConfig) -> None:
         print(f"pcpo-sample: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"pcpo-sample: {len(manifest['images'])} images in {Path(cfg.out) / MANIFEST}")
+    if cfg.log_to_mlflow:
+        print(f"pcpo-sample: logged as MLflow run {log_samples(cfg, Path(cfg.out), manifest)}")
 
 
-def policy_folders(cfg: DictConfig) -> dict[str, Path]:
-    """{"policy" or irg name: weights folder}, already checked to exist."""
-    return {key.rpartition(".")[2]: weights_folder(source, key)[0] for key, source in sources(cfg).items()}
+def policy_folders(cfg: DictConfig) -> dict[str, Path | None]:
+    """{"policy" or irg name: weights folder}, already checked to exist; None for a match at the base model."""
+    return {key.rpartition(".")[2]: weights_folder(source, key, cfg.match)[0] for key, source in sources(cfg).items()}
 
 
 if __name__ == "__main__":

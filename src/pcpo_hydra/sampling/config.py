@@ -3,8 +3,9 @@
 Torch-free: everything here runs before the model is built, so a bad key fails in a second.
 
 A policy source is a run directory (its `final_weights`, else its newest intact checkpoint's
-`weights`), or a weights folder itself (what `save_trainable` writes: a LoRA adapter or a full
-network). A run directory, and a weights folder inside one (its final_weights, a checkpoint's
+`weights`; with `match.reward`, the checkpoint matched to that evaluation reward), a weights folder
+itself (what `save_trainable` writes: a LoRA adapter or a full network), or `runs:/<MLflow run id>`
+(`sampling.sources`, which imports mlflow only for such a source). A run directory, and a weights folder inside one (its final_weights, a checkpoint's
 weights), also knows what it was trained from: the first such source among `policy` and
 `irg.policies` supplies the `model` and `sampler` nodes of its saved .hydra/config.yaml (its tiny
 model's weight seed included), except where the command line chooses or sets them.
@@ -20,14 +21,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
-from pcpo_hydra.config.checks import checked, positive
+from pcpo_hydra.config.checks import checked, one_of, positive
 from pcpo_hydra.config.validation import ConfigError, family_problems, check_tree
 from pcpo_hydra.paths import unwritable
 from pcpo_hydra.preflight import device_problems, need_problems
 
 FINAL_WEIGHTS = "final_weights"  # what build.run writes into a finished run's directory
 WEIGHT_FILES = ("adapter_model.safetensors", "diffusion_pytorch_model.safetensors")  # LoRA, full
-GROUPS = ("model", "sampler", "prompts", "hardware")
+GROUPS = ("model", "sampler", "prompts", "hardware", "logger")
+PICKS = ("nearest", "below", "above")
 
 
 @dataclass
@@ -37,26 +39,49 @@ class IrgSchema:
 
 
 @dataclass
+class MatchSchema:
+    reward: Optional[float] = MISSING  # sample each run dir's checkpoint at this eval reward (null: its final weights)
+    pick: str = checked(one_of(*PICKS))  # nearest | below | above the target
+
+
+@dataclass
 class SampleSchema:
     """conf/sample.yaml; its groups are checked by the schemas their components registered."""
 
     seed: int = MISSING
     policy: Optional[str] = MISSING
     irg: IrgSchema = MISSING
+    match: MatchSchema = MISSING
     seeds: list[int] = MISSING
     max_prompts: Optional[int] = checked(positive())
     batch_size: int = checked(positive())
     deterministic: bool = MISSING
     out: str = MISSING
+    log_to_mlflow: bool = MISSING
+    run_name: Optional[str] = MISSING
     model: Any = MISSING
     sampler: Any = MISSING
     prompts: Any = MISSING
     hardware: Any = MISSING
+    logger: Any = MISSING
 
 
-def weights_folder(source: str, key: str) -> tuple[Path | None, str | None]:
-    """(the weights folder of a policy source, None) or (None, the problem with `key`=source)."""
+def weights_folder(source: str, key: str, match: Any = None) -> tuple[Path | None, str | None]:
+    """(the weights folder of a policy source, None) or (None, the problem with `key`=source).
+
+    With `match.reward` set, a run dir gives its checkpoint matched to that reward; (None, None)
+    when that is epoch 0, the base model (a policy at its base contributes nothing to the mixture).
+    """
     path = Path(source)
+    if match is not None and match.reward is not None:
+        from pcpo_hydra.sampling.sources import matched_checkpoint
+
+        try:
+            found = matched_checkpoint(source, key, match)
+        except ConfigError as error:
+            return None, error.problems[0]
+        if found is not None:
+            return found.weights, None
     if any((path / name).is_file() for name in WEIGHT_FILES):
         return path, None
     if (path / FINAL_WEIGHTS).is_dir():
@@ -131,8 +156,8 @@ def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def _policy_problems(cfg: DictConfig) -> list[str]:
-    problems = [problem for key, source in sources(cfg).items() for problem in [weights_folder(source, key)[1]]
-                if problem is not None]
+    problems = [problem for key, source in sources(cfg).items()
+                for problem in [weights_folder(source, key, cfg.match)[1]] if problem is not None]
     policies, weights = set(cfg.irg.policies or {}), set(irg_weights(cfg))
     for name in sorted(policies - weights):
         problems.append(f"irg.policies.{name}: has no weight; set irg.weights.{name}=<w>")
@@ -154,20 +179,33 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The sample config typed by its schemas, policies found and the run's model adopted; else ConfigError.
 
     Keys a model's recipe adds for training (epochs, rollout, ...) are dropped before typing: a
-    key typed on the command line that the config lacks Hydra itself refuses.
+    key typed on the command line that the config lacks Hydra itself refuses. `runs:/<id>` sources
+    become the run dirs they name (`sampling.sources`) before the run's model is adopted.
     """
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError([f"{exc.full_key}: {exc.msg}"]) from None
     cfg = OmegaConf.create({f.name: resolved[f.name] for f in fields(SampleSchema) if f.name in resolved})
-    typed = check_tree(cfg, SampleSchema, GROUPS)
+    typed = _with_local_sources(check_tree(cfg, SampleSchema, GROUPS))
     typed = check_tree(with_run_config(typed, overrides), SampleSchema, GROUPS)
     problems = family_problems(typed) + _policy_problems(typed) + machine_problems(typed)
     if problems:
         raise ConfigError(problems)
     OmegaConf.set_readonly(typed, True)
     return typed
+
+
+def _with_local_sources(cfg: DictConfig) -> DictConfig:
+    """`cfg` with each `runs:/<id>` policy source replaced by the run dir it names on this machine."""
+    if not any(source.startswith("runs:/") for source in sources(cfg).values()):
+        return cfg
+    from pcpo_hydra.sampling.sources import local_run_dir
+
+    result = OmegaConf.create(OmegaConf.to_container(cfg))
+    for key, source in sources(cfg).items():
+        OmegaConf.update(result, key, local_run_dir(source, key, cfg.logger, Path(cfg.out)))
+    return check_tree(result, SampleSchema, GROUPS)
 
 
 def machine_problems(cfg: DictConfig) -> list[str]:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from pcpo_hydra.build import build
 from pcpo_hydra.distributed import weight_dtype
 from pcpo_hydra.images import to_pil
-from pcpo_hydra.sampling.config import irg_weights
+from pcpo_hydra.sampling.config import irg_weights, sources
+from pcpo_hydra.sampling.sources import matched_checkpoint, training_run_id
 from pcpo_hydra.sampling.guidance import GuidedModel, PolicyLoadError, load_policy, sample_images
 
 __all__ = ["PolicyLoadError", "build_guided", "jobs", "write_samples"]
@@ -22,8 +23,12 @@ __all__ = ["PolicyLoadError", "build_guided", "jobs", "write_samples"]
 MANIFEST = "manifest.json"
 
 
-def build_guided(cfg: DictConfig, folders: dict[str, Path]) -> tuple[Any, Any, GuidedModel]:
-    """(base model, sampler, mixture): `policy` at weight 1, each IRG policy at its `irg.weights` value."""
+def build_guided(cfg: DictConfig, folders: dict[str, Path | None]) -> tuple[Any, Any, GuidedModel]:
+    """(base model, sampler, mixture): `policy` at weight 1, each IRG policy at its `irg.weights` value.
+
+    A policy without weights (matched at epoch 0: the base model itself) adds f_base - f_base = 0: left out.
+    """
+    folders = {name: folder for name, folder in folders.items() if folder is not None}
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)
     model = build(cfg.model)
@@ -43,7 +48,19 @@ def jobs(cfg: DictConfig) -> list[tuple[int, str, int]]:
     return [(k, prompts[k], int(seed)) for k in range(count) for seed in cfg.seeds]
 
 
-def write_samples(cfg: DictConfig, out: Path, folders: dict[str, Path]) -> dict[str, Any]:
+def _matches(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """{policy name: the checkpoint `match.reward` chose (run dir, epoch, its eval reward)} for run-dir sources."""
+    found = {}
+    for key, source in sources(cfg).items():
+        match = matched_checkpoint(source, key, cfg.match)
+        if match is not None:
+            found[key.rpartition(".")[2]] = {"run_dir": str(match.run_dir), "epoch": match.epoch,
+                                             "eval_reward": match.reward, "target": cfg.match.reward,
+                                             "pick": match.pick}
+    return found
+
+
+def write_samples(cfg: DictConfig, out: Path, folders: dict[str, Path | None]) -> dict[str, Any]:
     """Sample every job into `out` as PNGs and write manifest.json (what each file is) last; return it."""
     model, sampler, guided = build_guided(cfg, folders)
     todo = jobs(cfg)
@@ -61,10 +78,32 @@ def write_samples(cfg: DictConfig, out: Path, folders: dict[str, Path]) -> dict[
                         "guidance": model.guidance_scale, "file": name})
     manifest = {
         "policy": label,
-        "weights": {name: str(folder) for name, folder in folders.items()},
+        "sources": {key.rpartition(".")[2]: source for key, source in sources(cfg).items()},
+        "weights": {name: None if folder is None else str(folder) for name, folder in folders.items()},
+        "matches": _matches(cfg),
         "irg": irg_weights(cfg),
         "model": cfg.model._target_, "sampler": cfg.sampler._target_, "deterministic": cfg.deterministic,
         "images": entries,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def log_samples(cfg: DictConfig, out: Path, manifest: dict[str, Any]) -> str:
+    """Log the sample folder as an MLflow run tagged with the training run of each run-dir policy; its id."""
+    tracker = instantiate(cfg.logger)
+    tags = {"pcpo.kind": "samples", "policy": manifest["policy"], "out": str(out.resolve())}
+    for name, source in manifest["sources"].items():
+        run_dir = Path(manifest["matches"].get(name, {}).get("run_dir", source))
+        trained_in = training_run_id(run_dir, cfg.logger) if (run_dir / ".hydra").is_dir() else None
+        if trained_in is not None:
+            tags[f"source_run.{name}"] = trained_in
+    params = {"seeds": list(cfg.seeds), "steps": manifest["images"][0]["steps"], "deterministic": cfg.deterministic,
+              "irg": manifest["irg"], "match": manifest["matches"], "model": manifest["model"],
+              "sampler": manifest["sampler"], "images": len(manifest["images"])}
+    run_id = tracker.start(None, {key: json.dumps(value) for key, value in params.items()}, tags)
+    try:
+        tracker.log_artifact(out, "samples")
+    finally:
+        tracker.end("FINISHED")
+    return run_id
