@@ -130,3 +130,10 @@ def test_per_prompt_table_is_the_mean_over_seeds_by_hand() -> None:
     assert table.loc[("B", "cat")].tolist() == pytest.approx([2, 2.0, 0.3])  # the NaN reward left out
     assert table.loc[("B", "dog")].tolist() == pytest.approx([1, 7.0, 0.6])
     assert list(table.columns) == ["n_images", "reward", "lpips"]
+
+
+def test_policy_names_with_quotes_and_brackets_are_safe() -> None:
+    """No name is pasted into the formula, so a run label like `pcpo [lr=1e-4] it's` cannot break it."""
+    data = planted({'base "x"': 0.0, "pcpo [lr=1e-4] it's": 0.5})
+    (row,) = mixed_models(data, ["reward"], 'base "x"', ['base "x"', "pcpo [lr=1e-4] it's"]).itertuples()
+    assert row.policy == "pcpo [lr=1e-4] it's" and row.converged and abs(row.effect - 0.5) < 2 * row.std_error

@@ -124,7 +124,7 @@ def test_no_checkpoint_on_the_asked_side_names_the_range_found(run_dir: Path, pi
     with pytest.raises(MatchError) as error:
         match_reward(run_dir, target, pick=pick)
     assert str(error.value) == (f"{run_dir}: no checkpoint with eval/reward_mean {sign} {target:g} "
-                                f"(its checkpoints' rewards run from -1 to 0.5)")
+                                f"(the rewards found run from -1 to 0.5)")
 
 
 def test_a_key_no_line_has_is_named(run_dir: Path) -> None:

@@ -81,16 +81,14 @@ def match_reward(run_dir: Path, target: float, pick: str = "nearest", key: str =
         raise MatchError(f"{run_dir}: no intact checkpoint at any evaluated epoch (evaluated: {_epochs(history)}; "
                          f"intact checkpoints: {_epochs(checkpoints) or 'none'}); set checkpoint_every to a "
                          f"multiple of eval.every and keep_checkpoints high enough")
-    sides = {"nearest": rewards,
-             "below": {epoch: reward for epoch, reward in rewards.items() if reward <= target},
-             "above": {epoch: reward for epoch, reward in rewards.items() if reward >= target}}
-    candidates = sides[pick]
+    allowed, distance = {"nearest": (lambda reward: True, lambda reward: abs(reward - target)),
+                         "below": (lambda reward: reward <= target, lambda reward: -reward),
+                         "above": (lambda reward: reward >= target, lambda reward: reward)}[pick]
+    candidates = {epoch: reward for epoch, reward in rewards.items() if allowed(reward)}
     if not candidates:
         low, high = min(rewards.values()), max(rewards.values())
         raise MatchError(f"{run_dir}: no checkpoint with {key} {'<=' if pick == 'below' else '>='} {target:.6g} "
-                         f"(its checkpoints' rewards run from {low:.6g} to {high:.6g})")
-    distance = {"nearest": lambda reward: abs(reward - target), "below": lambda reward: -reward,
-                "above": lambda reward: reward}[pick]
+                         f"(the rewards found run from {low:.6g} to {high:.6g})")
     # min keeps the first of equals and the candidates run oldest first: a tie goes to the earlier epoch
     epoch = min(candidates, key=lambda e: distance(candidates[e]))
     weights = None if epoch == 0 else checkpoints[epoch] / WEIGHTS
