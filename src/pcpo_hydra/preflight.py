@@ -36,23 +36,30 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError(problems)
 
 
-def need_problems(cfg: DictConfig, groups: Iterable[str] | None = None) -> list[str]:
-    """What the NEEDS of the nodes of `groups` (default: every registered group), nested ones included, lack."""
-    return [problem for key, schema, node in component_nodes(cfg, groups)
+def need_problems(cfg: DictConfig, groups: Iterable[str] | None = None, root: type | None = None) -> list[str]:
+    """What the NEEDS of the nodes of `groups` (default: every registered group), nested ones included, lack;
+    with `root` (a command's schema), also those of the nodes its NESTED declares (pcpo-eval's rewards)."""
+    return [problem for key, schema, node in component_nodes(cfg, groups, root)
             for need in getattr(schema, "NEEDS", ()) if (problem := need.problem(node, key))]
 
 
-def component_nodes(cfg: DictConfig, groups: Iterable[str] | None = None) -> Iterator[tuple[str, type, Any]]:
-    """(key, schema, node) of every node of `groups` (default: all) and of the nodes nested in them."""
+def _walk(group: str, node: Any, key: str) -> Iterator[tuple[str, type, Any]]:
+    schema = schema_for(group, node, key)
+    yield key, schema, node
+    for _, spec, child_key, _, child in nested_nodes(schema, node, key):
+        yield from _walk(spec.group, child, child_key)
 
-    def walk(group: str, node: Any, key: str) -> Iterator[tuple[str, type, Any]]:
-        schema = schema_for(group, node, key)
-        yield key, schema, node
-        for _, spec, child_key, _, child in nested_nodes(schema, node, key):
-            yield from walk(spec.group, child, child_key)
 
+def component_nodes(
+    cfg: DictConfig, groups: Iterable[str] | None = None, root: type | None = None
+) -> Iterator[tuple[str, type, Any]]:
+    """(key, schema, node) of every node of `groups` (default: all), of the nodes nested in them, and of
+    those nested in the root config by `root`'s NESTED."""
     for group in group_schemas() if groups is None else groups:
-        yield from walk(group, cfg[group], group)
+        yield from _walk(group, cfg[group], group)
+    if root is not None:
+        for _, spec, key, _, child in nested_nodes(root, cfg, ""):
+            yield from _walk(spec.group, child, key)
 
 
 def folder_problems(cfg: DictConfig, run_dir: Path) -> list[str]:

@@ -26,6 +26,7 @@ from pcpo_hydra.config.validation import ConfigError, family_problems, check_tre
 from pcpo_hydra.paths import unwritable
 from pcpo_hydra.preflight import device_problems, need_problems
 
+MANIFEST = "manifest.json"  # what each PNG of a sample folder is (sampling.run writes it, pcpo-eval reads it)
 FINAL_WEIGHTS = "final_weights"  # what build.run writes into a finished run's directory
 WEIGHT_FILES = ("adapter_model.safetensors", "diffusion_pytorch_model.safetensors")  # LoRA, full
 GROUPS = ("model", "sampler", "prompts", "hardware", "logger")

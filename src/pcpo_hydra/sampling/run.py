@@ -14,13 +14,12 @@ from tqdm.auto import tqdm
 from pcpo_hydra.build import build
 from pcpo_hydra.distributed import weight_dtype
 from pcpo_hydra.images import to_pil
-from pcpo_hydra.sampling.config import irg_weights, sources
-from pcpo_hydra.sampling.sources import matched_checkpoint, training_run_id
+from pcpo_hydra.sampling.config import MANIFEST, irg_weights, sources
+from pcpo_hydra.sampling.sources import matched_checkpoint, source_runs
 from pcpo_hydra.sampling.guidance import GuidedModel, PolicyLoadError, load_policy, sample_images
 
-__all__ = ["PolicyLoadError", "build_guided", "jobs", "write_samples"]
+__all__ = ["MANIFEST", "PolicyLoadError", "build_guided", "jobs", "log_samples", "write_samples"]
 
-MANIFEST = "manifest.json"
 
 
 def build_guided(cfg: DictConfig, folders: dict[str, Path | None]) -> tuple[Any, Any, GuidedModel]:
@@ -93,11 +92,7 @@ def log_samples(cfg: DictConfig, out: Path, manifest: dict[str, Any]) -> str:
     """Log the sample folder as an MLflow run tagged with the training run of each run-dir policy; its id."""
     tracker = instantiate(cfg.logger)
     tags = {"pcpo.kind": "samples", "policy": manifest["policy"], "out": str(out.resolve())}
-    for name, source in manifest["sources"].items():
-        run_dir = Path(manifest["matches"].get(name, {}).get("run_dir", source))
-        trained_in = training_run_id(run_dir, cfg.logger) if (run_dir / ".hydra").is_dir() else None
-        if trained_in is not None:
-            tags[f"source_run.{name}"] = trained_in
+    tags.update({f"source_run.{name}": run_id for name, run_id in source_runs(manifest, cfg.logger).items()})
     params = {"seeds": list(cfg.seeds), "steps": manifest["images"][0]["steps"], "deterministic": cfg.deterministic,
               "irg": manifest["irg"], "match": manifest["matches"], "model": manifest["model"],
               "sampler": manifest["sampler"], "images": len(manifest["images"])}

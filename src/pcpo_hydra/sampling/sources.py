@@ -86,6 +86,17 @@ def training_run_id(run_dir: Path, logger: DictConfig) -> str | None:
     return None
 
 
+def source_runs(manifest: dict[str, Any], logger: DictConfig) -> dict[str, str]:
+    """{policy name: MLflow id of the run that trained it} for a sample folder's run-dir sources (matched ones too)."""
+    runs = {}
+    for name, source in manifest.get("sources", {}).items():
+        run_dir = Path(manifest.get("matches", {}).get(name, {}).get("run_dir", source))
+        trained_in = training_run_id(run_dir, logger) if (run_dir / ".hydra").is_dir() else None
+        if trained_in is not None:
+            runs[name] = trained_in
+    return runs
+
+
 def matched_checkpoint(source: str, key: str, match: DictConfig) -> Match | None:
     """The checkpoint of run dir `source` at `match.reward` (None when no match is asked or `source` is no run dir)."""
     if match.reward is None or not (Path(source) / ".hydra").is_dir():
