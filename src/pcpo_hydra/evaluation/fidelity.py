@@ -215,6 +215,7 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     both sets, which leaves the distance unchanged (both Gaussians live in that span), and turns
     the D x D eigenproblem (seconds for D = 2048 on a CPU) into a small one.
     """
+    import_torchvision()  # torchmetrics imports it on its first import
     from torchmetrics.image.fid import _compute_fid
 
     if len(a) < 2 or len(b) < 2:
@@ -248,13 +249,15 @@ def inception_score_from_logits(logits: Tensor, splits: int | None = None, seed:
     from torchmetrics.image.inception import InceptionScore
 
     with warnings.catch_warnings():
-        # Its warning that it keeps every feature in memory: a set's logits are what it is given.
+        # Its warning that it keeps every feature in memory (a set's logits are what it is given), and
+        # torch's for the std of a single split, which is NaN as documented.
         warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom", category=UserWarning)
         metric = InceptionScore(feature=nn.Identity(), splits=splits or inception_splits(len(logits)))
-    metric.update(logits)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
+        metric.update(logits)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean, std = metric.compute()
     return float(mean), float(std)
 
 
