@@ -83,27 +83,34 @@ def _first_line(error: BaseException) -> str:
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
-def hub_unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the hub endpoint takes no TCP connection within `timeout_s`, or None if it does.
+def host_unreachable(url: str, timeout_s: float = 3.0) -> str | None:
+    """Why the host of `url` takes no TCP connection within `timeout_s` ("host:port is unreachable (...)"),
+    or None if it does.
 
-    Without this, a machine with no route to the hub waits through huggingface_hub's retries for each
-    file before the same error. Behind an HTTP(S) proxy a direct connection proves nothing: no probe.
+    Without this, a machine with no route to a download host waits through the library's retries for
+    each file before the same error. Behind an HTTP(S) proxy a direct connection proves nothing: no probe.
     """
     import os
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants
-
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
         return None
-    url = urlparse(constants.ENDPOINT)
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    parsed = urlparse(url)
+    address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
     try:
         socket.create_connection(address, timeout=timeout_s).close()
     except OSError as error:
-        return f"the hub at {address[0]}:{address[1]} is unreachable ({error}) and nothing of it is in the local cache"
+        return f"{address[0]}:{address[1]} is unreachable ({error})"
     return None
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub endpoint takes no TCP connection within `timeout_s`, or None if it does."""
+    from huggingface_hub import constants
+
+    reason = host_unreachable(constants.ENDPOINT, timeout_s)
+    return f"the hub at {reason} and nothing of it is in the local cache" if reason else None
 
 
 def _in_hub_cache(repo_id: str) -> bool:
