@@ -197,32 +197,10 @@ def metric_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     """(torch_hub, dinov2): pcpo-eval's metric networks with random weights, saved where and as the real ones are.
 
     torch_hub/checkpoints holds torch-fidelity's InceptionV3 file and torchvision's AlexNet file under
-    their release names; dinov2/ is a two-layer Dinov2Model saved with save_pretrained.
+    their release names; dinov2/ is a two-layer Dinov2Model (benchmarks/evaluation.py builds them).
     """
-    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
-    from transformers import Dinov2Config, Dinov2Model
-
-    import pcpo_hydra.evaluation.fidelity as fidelity
-
-    root = tmp_path_factory.mktemp("metric_weights")
-    checkpoints = root / "torch_hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        # The extractor loads its weights in its constructor: let it keep its random initialisation instead.
-        original = inception_module.load_state_dict_from_url
-        load = torch.nn.Module.load_state_dict
-        inception_module.load_state_dict_from_url = lambda *args, **kwargs: {}
-        torch.nn.Module.load_state_dict = lambda self, *args, **kwargs: None
-        try:
-            network = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-        finally:
-            inception_module.load_state_dict_from_url, torch.nn.Module.load_state_dict = original, load
-        torch.save(network.state_dict(), checkpoints / fidelity.INCEPTION_URL.rsplit("/", 1)[1])
-        import torchvision
-
-        torch.save(torchvision.models.alexnet(weights=None).state_dict(),
-                   checkpoints / fidelity.ALEXNET_URL.rsplit("/", 1)[1])
-        Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 patch_size=14, image_size=224)).save_pretrained(root / "dinov2")
-    return root / "torch_hub", root / "dinov2"
+    # initializer_range: large enough that the tiny model's CLS token depends on the image
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "initializer_range": 0.5}
+    for module in benchmark_module("evaluation"):
+        return module.random_metric_weights(tmp_path_factory.mktemp("metric_weights"), tiny)

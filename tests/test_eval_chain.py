@@ -53,7 +53,7 @@ def test_two_runs_sampled_at_matched_reward_are_compared_in_a_report(tmp_path: P
                 store, f"text_cache_dir={tmp_path / 'cache'}")
     histories = {name: eval_history(run) for name, run in runs.items()}
     assert all(sorted(history) == [0, 1, 2, 3] for history in histories.values())
-    target = float(np.mean([histories["grpo"][2], histories["pcpo"][2]]))
+    target = float(np.mean([histories["grpo"][3], histories["pcpo"][3]]))  # between the two runs' final rewards
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     trained = {run.data.tags["run_dir"]: run.info.run_id
                for run in client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])}
@@ -69,9 +69,8 @@ def test_two_runs_sampled_at_matched_reward_are_compared_in_a_report(tmp_path: P
         manifest = json.loads((samples[name] / "manifest.json").read_text())
         history = histories[name]  # epoch 0 is the base model; every later epoch has its checkpoint
         nearest = min(history, key=lambda epoch: (abs(history[epoch] - target), epoch))
-        assert manifest["matches"]["policy"]["epoch"] == nearest
-        assert manifest["weights"]["policy"] == (
-            None if nearest == 0 else str(runs[name] / "checkpoints" / f"epoch_{nearest:05d}" / "weights"))
+        assert manifest["matches"]["policy"]["epoch"] == nearest > 0  # (seeded runs: a trained checkpoint)
+        assert manifest["weights"]["policy"] == str(runs[name] / "checkpoints" / f"epoch_{nearest:05d}" / "weights")
 
     out = tmp_path / "report"
     command(tmp_path, "pcpo_hydra.evaluation.cli", f"samples={{base:{samples['base']},grpo:{samples['grpo']},"
