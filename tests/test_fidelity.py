@@ -158,6 +158,13 @@ def test_fd_dinov2_is_zero_for_a_set_with_itself_and_torchmetrics_value_otherwis
     assert distance == pytest.approx(library.compute().item(), rel=1e-3)
 
 
+def test_a_metric_without_its_network_is_an_error_and_a_set_of_one_has_no_distance(metrics: FidelityMetrics) -> None:
+    with pytest.raises(KeyError, match="lpips_diversity is not available"):
+        FidelityMetrics(inception=metrics.inception).lpips_diversity(images(2, seed=0))
+    assert FidelityMetrics(inception=metrics.inception).features(images(2, seed=0)).keys() == {"fid", "inception_score"}
+    assert math.isnan(metrics.frechet("fid", images(1, seed=0), images(4, seed=1)))
+
+
 def test_dinov2_pixels_are_dinov2_image_processors() -> None:
     """transformers' BitImageProcessor with facebook/dinov2-base's preprocessor_config.json, on a non-square 8-bit image."""
     processor = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},

@@ -92,6 +92,7 @@ def hub_checkpoints(torch_hub: str | None) -> Path:
 
 
 def _file_name(url: str) -> str:
+    """The file name torch.hub saves a download under: the URL's last part."""
     return url.rsplit("/", 1)[1]
 
 
@@ -335,6 +336,8 @@ class FidelityMetrics:
         reference with several sets, call `features` once per set and `frechet_distance` instead."""
         if name not in FRECHET:
             raise ValueError(f"{name} is not a Fréchet distance; one of {', '.join(FRECHET)}")
+        if min(len(reference), len(images)) < 2:
+            return math.nan  # undefined; no network pass needed to say so
         return frechet_distance(self._feature(name, reference), self._feature(name, images))
 
     def inception_score(self, images: Tensor) -> tuple[float, float]:
