@@ -17,15 +17,12 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from conftest import benchmark_module
 from pcpo_hydra.evaluation import fidelity
 from pcpo_hydra.evaluation.fidelity import FidelityMetrics, frechet_distance, inception_score_from_logits
-from pcpo_hydra.evaluation.torchvision_import import import_torchvision
-
-import_torchvision()  # before torch_fidelity, torchmetrics or transformers import it
-
-import torch_fidelity.feature_extractor_inceptionv3 as torch_fidelity_inception  # noqa: E402
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3  # noqa: E402
-from transformers import BitImageProcessor, Dinov2Config, Dinov2Model  # noqa: E402
+import torch_fidelity.feature_extractor_inceptionv3 as torch_fidelity_inception
+from torchmetrics.image.fid import FrechetInceptionDistance
+from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
 SIDE = 32  # tiny images keep the networks' passes fast on a CPU
 INCEPTION_FILE = fidelity.INCEPTION_URL.rsplit("/", 1)[1]
@@ -36,22 +33,6 @@ def images(count: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     return torch.rand(count, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def random_inception() -> NoTrainInceptionV3:
-    """torchmetrics' InceptionV3 with random weights: its constructor loads a checkpoint, so loading is skipped once.
-
-    Kaiming-normal weights keep the activations at unit scale through the 90-odd layers (PyTorch's
-    default init shrinks them to ~1e-8, where distances drown in rounding).
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(NoTrainInceptionV3, "load_state_dict", lambda self, state, strict=True: None)
-        network = fidelity.inception_network(None)
-    for module in network.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return network
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A torch_hub folder holding random Inception and AlexNet checkpoints, and a tiny DINOv2 folder."""
@@ -60,7 +41,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     hub = tmp_path_factory.mktemp("hub")
     (hub / "checkpoints").mkdir()
-    inception = random_inception()
+    for bench in benchmark_module("evaluation"):  # the benchmark's random InceptionV3 (Kaiming-normal weights)
+        inception = bench.random_inception()
     torch.save(inception.state_dict(), hub / "checkpoints" / INCEPTION_FILE)
     alexnet = torchvision.models.alexnet(weights=None).state_dict()
     torch.save(alexnet, hub / "checkpoints" / ALEXNET_FILE)

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from pcpo_hydra.evaluation.torchvision_import import import_torchvision
 from pcpo_hydra.weights import ModelLoadError, WeightsFor, check_source, host_unreachable, load_component
 
 if TYPE_CHECKING:
@@ -147,7 +146,6 @@ def inception_network(weights: str | None) -> NoTrainInceptionV3:
 
     `weights`: the checkpoint file; None downloads it into torch.hub's folder.
     """
-    import_torchvision()
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     return NoTrainInceptionV3(name=INCEPTION_NAME, features_list=list(INCEPTION_FEATURES),
@@ -156,7 +154,6 @@ def inception_network(weights: str | None) -> NoTrainInceptionV3:
 
 def lpips_network() -> LearnedPerceptualImagePatchSimilarity:
     """torchmetrics' LPIPS on AlexNet for [0, 1] images, averaging over the pairs it is given."""
-    import_torchvision()
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     return LearnedPerceptualImagePatchSimilarity(net_type=LPIPS_NET, reduction="mean", normalize=True)
@@ -201,7 +198,6 @@ class DinoV2Features(nn.Module):
 
 def load_dinov2(source: str) -> DinoV2Features:
     """DINOv2 from a hub id or a local folder, loaded strictly (every weight from the files)."""
-    import_torchvision()  # transformers' image utilities import torchvision when it is installed
     from transformers import Dinov2Model
 
     return DinoV2Features(load_component(Dinov2Model, source, "", owner=DINOV2))
@@ -216,7 +212,6 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     both sets, which leaves the distance unchanged (both Gaussians live in that span), and turns
     the D x D eigenproblem (seconds for D = 2048 on a CPU) into a small one.
     """
-    import_torchvision()  # torchmetrics imports it on its first import
     from torchmetrics.image.fid import _compute_fid
 
     if len(a) < 2 or len(b) < 2:
@@ -246,7 +241,6 @@ def inception_score_from_logits(logits: Tensor, splits: int | None = None, seed:
     The library shuffles the images before splitting; `seed` fixes that shuffle (the global RNG is
     left as it was), so the same images always score the same.
     """
-    import_torchvision()
     from torchmetrics.image.inception import InceptionScore
 
     with warnings.catch_warnings():
