@@ -92,8 +92,16 @@ def test_missing_metric_weights_fail_at_once_naming_each_file_and_its_key(tmp_pa
 
 
 def test_pcpo_sample_from_an_unknown_mlflow_run_is_one_line(tmp_path: Path) -> None:
-    result, _ = run("pcpo_hydra.sampling.cli", tmp_path, "policy=runs:/0123456789abcdef",
-                    f"logger.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"out={tmp_path / 'out'}")
+    from mlflow import MlflowClient
+
+    store = tmp_path / "m.db"
+    args = ["policy=runs:/0123456789abcdef", f"logger.tracking_uri=sqlite:///{store}", f"out={tmp_path / 'out'}"]
+    result, _ = run("pcpo_hydra.sampling.cli", tmp_path, *args)
+    assert one_line(result, "pcpo-sample") == (f"policy='runs:/0123456789abcdef': there is no MLflow store at {store}; "
+                                               "set logger.tracking_uri to the store the run was logged to")
+    assert not store.exists()  # looking a run up never creates a store
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # an empty store
+    result, _ = run("pcpo_hydra.sampling.cli", tmp_path, *args)
     assert one_line(result, "pcpo-sample").startswith("policy='runs:/0123456789abcdef': no such run in the MLflow store")
 
 

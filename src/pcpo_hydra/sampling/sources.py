@@ -57,6 +57,12 @@ def local_run_dir(source: str, key: str, logger: DictConfig, out: Path) -> str:
     from mlflow.exceptions import MlflowException
 
     run_id = source[len(RUNS_PREFIX):].strip("/")
+    from pcpo_hydra.mlflow_store import resolve_tracking_uri, sqlite_path
+
+    database = sqlite_path(resolve_tracking_uri(logger.tracking_uri))
+    if database is not None and not database.is_file():  # opening it would create an empty store
+        raise ConfigError([f"{key}={source!r}: there is no MLflow store at {database}; set logger.tracking_uri "
+                           "to the store the run was logged to"])
     client = _client(logger)
     try:
         run = client.get_run(run_id)
