@@ -28,8 +28,8 @@ from torch import nn
 
 from pcpo_hydra.config.hydra_setup import config_dir, register_resolvers
 from pcpo_hydra.evaluation import fidelity
-from pcpo_hydra.evaluation.compare import evaluate
-from pcpo_hydra.evaluation.config import check_config
+from pcpo_hydra.evaluation.compare import evaluate, load_images
+from pcpo_hydra.evaluation.config import check_config, image_keys, manifest
 
 
 def random_inception() -> nn.Module:
@@ -110,10 +110,31 @@ def main() -> None:
         started, started_cpu = time.perf_counter(), time.process_time()
         evaluate(cfg, root / "report")
         wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        parts = network_seconds(cfg, load_images(cfg.samples.base, image_keys(manifest(cfg.samples.base))),
+                                args.per_prompt)
     total = args.images * args.folders
     print(f"{total} images ({args.folders} folders x {args.images}, {args.per_prompt} per prompt, {args.side} px), "
           f"{args.threads} threads: {wall:.1f} s wall, {cpu:.1f} s CPU")
     print(f"pcpo-eval: {1000 * wall / total:.1f} s per 1,000 images (wall), {1000 * cpu / total:.1f} s CPU")
+    for part, seconds in parts.items():
+        print(f"  {part}: {1000 * seconds / args.images:.1f} s per 1,000 images")
+
+
+def network_seconds(cfg, images: torch.Tensor, per_prompt: int) -> dict[str, float]:
+    """Wall seconds of each network's pass over one folder's images (the parts of the whole above)."""
+    metrics = fidelity.FidelityMetrics.build(cfg.metrics, cfg.weights.torch_hub, cfg.weights.dinov2,
+                                             batch_size=cfg.batch_size)
+    seconds = {}
+    for part, call in (
+        ("Inception (FID, IS)", lambda: metrics.features(images, ["fid"])),
+        ("DINOv2-base (FD-DINOv2)", lambda: metrics.features(images, ["fd_dinov2"])),
+        ("LPIPS diversity", lambda: [metrics.lpips_diversity(images[k:k + per_prompt])
+                                     for k in range(0, len(images), per_prompt)]),
+    ):
+        started = time.perf_counter()
+        call()
+        seconds[part] = time.perf_counter() - started
+    return seconds
 
 
 if __name__ == "__main__":
