@@ -27,6 +27,10 @@ Reported (markdown + PNG plots in --out, also logged as artifacts of a summary r
   prompts were drawn than with the policy; the fixed set moves only with the policy.)
 - clip fraction per epoch, within-group diversity, drift and caption agreement, means over
   seeds, and those costs at equal reward: where each run first reaches the 50% target.
+- with --fidelity, also pcpo-eval's fidelity and diversity at that matched-reward point: FID and
+  FD-DINOv2 of the run's evaluation images against its base model's (epoch 0: the same prompts
+  and seeds), and the LPIPS diversity within each prompt's images (evaluation.fidelity). The metric
+  networks' weights come from --torch-hub and --dinov2 (or are downloaded where their hosts answer).
 
 A finished run is recorded under --out/records/ by its resolved config: asking for it again
 (another arm order, --ablation, whose ends are GRPO and PCPO, or a rerun after an interruption)
@@ -45,6 +49,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -110,6 +115,8 @@ class RunRecord:
     eval_reward: list[float] = field(default_factory=list)
     caption_agreement: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    images: str = ""  # the file of its evaluation images (images_file), for --fidelity
+    eval_group: int = 0  # evaluation images per prompt (consecutive in the images)
 
     def eval(self, epoch: int, metrics: dict[str, float]) -> None:
         self.eval_epochs.append(epoch)
@@ -129,14 +136,22 @@ class RecordedEvaluation(Evaluation):
         super().__init__(cfg)
         self.record = record
         self.started = 0.0
+        self.epoch = 0
+        self.images: dict[int, Any] = {}  # epoch -> the evaluation's 8-bit images, for --fidelity
 
     def maybe_evaluate(self, trainer, epoch: int) -> dict[str, float]:
         if epoch == 0:
             self.started = time.perf_counter()
+        self.epoch = epoch
         metrics = super().maybe_evaluate(trainer, epoch)
         if metrics:
             self.record.eval(epoch, metrics)
         return metrics
+
+    def sample(self, trainer):
+        images = super().sample(trainer)
+        self.images[self.epoch] = (images.float().clamp(0, 1) * 255).round().byte().cpu()
+        return images
 
     def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
         self.record.reward.append(metrics["rollout/reward_mean"])
@@ -190,6 +205,11 @@ def fingerprint(cfg, args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def images_file(record_file: Path) -> Path:
+    """Where a record's evaluation images are kept beside it (epoch -> uint8 [N, 3, H, W])."""
+    return record_file.with_name(record_file.stem + "_eval_images.pt")
+
+
 def cached_record(path: Path, arm: str) -> RunRecord | None:
     """A finished run's record from an earlier invocation, relabelled with this invocation's arm name."""
     if not path.is_file():
@@ -220,7 +240,11 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
     choices = group_choices(run_overrides(setting, arm_overrides, seed, args))
     build.run(cfg, run_dir, choices, arm_overrides + args.overrides, tags, callbacks=[evaluation])
     record = evaluation.record
+    record.images, record.eval_group = str(images_file(record_file)), cfg.eval.group_size
     record_file.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.save(evaluation.images, images_file(record_file))
     record_file.write_text(json.dumps(asdict(record)))
     print(f"{setting:9s} {arm:14s} seed {seed}: eval reward {record.eval_reward[0]:.3f} -> {final_reward(record):.3f}, "
           f"rollout {record.reward[0]:.3f} -> {statistics.fmean(record.reward[-FINAL_EPOCHS:]):.3f} "
@@ -279,8 +303,8 @@ def _mean_sd(values: list[float], digits: int = 1) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def setting_report(setting: str, records: list[RunRecord], arms: list[str]) -> list[str]:
-    """The markdown of one setting: epochs to each target, clip fraction, diversity, drift."""
+def setting_report(setting: str, records: list[RunRecord], arms: list[str], fidelity: Any = None) -> list[str]:
+    """The markdown of one setting: epochs to each target, clip fraction, diversity, drift (and `at_target`'s fidelity)."""
     levels = targets(records)
     seeds = len({r.seed for r in records})
     lines = [f"### {setting} ({seeds} seeds, {len(records[0].reward)} epochs)", ""]
@@ -320,27 +344,49 @@ def setting_report(setting: str, records: list[RunRecord], arms: list[str]) -> l
             lines.append(f"- {int(q * 100)}% target ({target:.3f}): not reached by every arm; no ratio")
     if levels:
         lines.append(f"- at equal reward, where each run first reaches the 50% target ({levels[0]:.3f}): "
-                     + "; ".join(at_target(arm, [r for r in records if r.arm == arm], levels[0]) for arm in arms))
+                     + "; ".join(at_target(arm, [r for r in records if r.arm == arm], levels[0], fidelity)
+                                 for arm in arms))
     lines.append("")
     return lines
 
 
-def at_target(arm: str, runs: list[RunRecord], target: float) -> str:
-    """Caption agreement, drift and diversity at the epoch each run first reaches `target`, means over runs.
+def at_target(arm: str, runs: list[RunRecord], target: float, fidelity: Any = None) -> str:
+    """Caption agreement, drift and diversity at the epoch each run first reaches `target`, means over runs;
+    with `fidelity` (an evaluation.fidelity.FidelityMetrics) also FID, FD-DINOv2 and LPIPS diversity there.
 
     A faster arm has moved further by any fixed epoch; at equal reward the costs compare like for like.
     """
-    points = []
+    points, measured = [], []
     for run in runs:
         epoch = epochs_to_reach(run, target)
         if epoch is not None:
             k = run.eval_epochs.index(epoch)
             points.append((run.caption_agreement[k], run.drift[k], run.diversity[epoch - 1]))
+            if fidelity is not None and Path(run.images).is_file():
+                measured.append(fidelity_at(run, epoch, fidelity))
     if not points:
         return f"{arm} never"
     agreement, drift, diversity = (statistics.fmean(p[i] for p in points) for i in range(3))
-    return (f"{arm} caption agreement {agreement:.3f}, drift {drift:.3f}, diversity {diversity:.3f} "
-            f"({len(points)}/{len(runs)} runs)")
+    line = f"{arm} caption agreement {agreement:.3f}, drift {drift:.3f}, diversity {diversity:.3f}"
+    if measured:
+        fid, fd_dinov2, lpips = (statistics.fmean(m[i] for m in measured) for i in range(3))
+        line += f", FID {fid:.3g}, FD-DINOv2 {fd_dinov2:.3g}, LPIPS diversity {lpips:.3f} ({len(measured)} with images)"
+    return line + f" ({len(points)}/{len(runs)} runs)"
+
+
+def fidelity_at(run: RunRecord, epoch: int, fidelity: Any) -> tuple[float, float, float]:
+    """(FID, FD-DINOv2) of the run's evaluation images at `epoch` against its base model's (epoch 0: the same
+    prompts and seeds), and the mean LPIPS diversity within each prompt's images at `epoch`."""
+    import torch
+
+    from pcpo_hydra.evaluation.fidelity import frechet_distance
+
+    images = torch.load(run.images)  # 8-bit, as FidelityMetrics takes them
+    base, now = images[0], images[epoch]
+    before, after = (fidelity.features(x, ["fid", "fd_dinov2"]) for x in (base, now))
+    lpips = statistics.fmean(fidelity.lpips_diversity(now[k:k + run.eval_group])
+                             for k in range(0, len(now), run.eval_group))
+    return frechet_distance(before["fid"], after["fid"]), frechet_distance(before["fd_dinov2"], after["fd_dinov2"]), lpips
 
 
 def plot(setting: str, records: list[RunRecord], arms: list[str], path: Path) -> None:
@@ -382,6 +428,17 @@ def ensure_world_models(settings: list[str], overrides: list[str]) -> None:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pretrain_world.py")], check=True, cwd=ROOT)
 
 
+def fidelity_metrics(args: argparse.Namespace) -> Any:
+    """pcpo-eval's FID, FD-DINOv2 and LPIPS networks, their weights checked first (one line each, exit 2)."""
+    from pcpo_hydra.evaluation.fidelity import FidelityMetrics, weight_problems
+
+    metrics = ["fid", "fd_dinov2", "lpips_diversity"]
+    problems = weight_problems(metrics, args.torch_hub, args.dinov2)
+    if problems:
+        raise SystemExit("paper_claims --fidelity: " + "; ".join(problems))
+    return FidelityMetrics.build(metrics, args.torch_hub, args.dinov2)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm")
@@ -393,6 +450,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--eval-prompts", type=int, default=8, help="prompts in the evaluation set (x group_size images)")
     parser.add_argument("--out", default="outputs/benchmarks/paper_claims", help="report, plots and run dirs")
     parser.add_argument("--retrain", action="store_true", help="train every run, even one already finished in --out")
+    parser.add_argument("--fidelity", action="store_true", help="FID, FD-DINOv2 and LPIPS diversity at matched reward")
+    parser.add_argument("--torch-hub", help="with --fidelity: pcpo-eval's weights.torch_hub (the Inception, AlexNet files)")
+    parser.add_argument("--dinov2", default="facebook/dinov2-base", help="with --fidelity: pcpo-eval's weights.dinov2")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, as for pcpo-train")
     args = parser.parse_args(argv)
     settings = args.settings.split(",")
@@ -401,6 +461,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         parser.error(f"unknown {unknown}; arms: {sorted(ARMS)}, settings: {sorted(SETTINGS)}")
     arms = {name: ARMS[name] for name in names}
+    fidelity = fidelity_metrics(args) if args.fidelity else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_world_models(settings, args.overrides)
@@ -413,7 +474,7 @@ def main(argv: list[str]) -> None:
     lines = [f"## {' vs '.join(arms)} on the shapes world", ""]
     for setting in settings:
         mine = [r for r in records if r.setting == setting]
-        lines += setting_report(setting, mine, list(arms))
+        lines += setting_report(setting, mine, list(arms), fidelity)
         plot(setting, mine, list(arms), out / f"{setting}.png")
     report = "\n".join(lines)
     (out / "report.md").write_text(report + "\n")

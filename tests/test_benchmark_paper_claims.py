@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -75,15 +76,17 @@ def test_a_runs_fingerprint_follows_its_config_and_base_model_files_but_not_thre
 
 
 @pytest.mark.integration
-def test_a_tiny_benchmark_writes_its_table_plots_and_mlflow_runs(claims, tmp_path: Path, monkeypatch) -> None:
+def test_a_tiny_benchmark_writes_its_table_plots_and_mlflow_runs(claims, tmp_path: Path, monkeypatch,
+                                                                metric_weights) -> None:
     pytest.importorskip("matplotlib")
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "out"
+    torch_hub, dinov2 = metric_weights
     claims.main(["--settings", "ddim", "--seeds", "2", "--epochs", "3", "--eval-every", "2", "--eval-prompts", "2",
-                 "--out", str(out), "model=tiny_sd", "experiment=debug", "sampler.num_steps=3",
-                 "hardware.num_threads=1"])
+                 "--out", str(out), "--fidelity", "--torch-hub", str(torch_hub), "--dinov2", str(dinov2),
+                 "model=tiny_sd", "experiment=debug", "sampler.num_steps=3", "hardware.num_threads=1"])
     report = (out / "report.md").read_text()
     assert "| grpo |" in report and "| pcpo |" in report and "epochs to" in report
     assert (out / "ddim.png").stat().st_size > 10_000
@@ -99,6 +102,17 @@ def test_a_tiny_benchmark_writes_its_table_plots_and_mlflow_runs(claims, tmp_pat
         ("grpo", "0"), ("grpo", "1"), ("pcpo", "0"), ("pcpo", "1")]
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 5  # + the summary run
     assert {m.step for m in client.get_metric_history(trained[0].info.run_id, "eval/drift")} == {0, 2, 3}
+
+    # --fidelity: pcpo-eval's metrics on each run's saved evaluation images, against its epoch-0 (base) images
+    fidelity = claims.fidelity_metrics(argparse.Namespace(torch_hub=str(torch_hub), dinov2=str(dinov2)))
+    for record in map(lambda r: claims.RunRecord(**r), records):
+        assert record.eval_group == 2  # experiment=debug's group size: 2 prompts x 2 images
+        fid, fd_dinov2, lpips = claims.fidelity_at(record, 0, fidelity)
+        assert abs(fid) < 1e-3 and abs(fd_dinov2) < 1e-3 and lpips > 0  # the base images against themselves
+        fid, fd_dinov2, lpips = claims.fidelity_at(record, 3, fidelity)
+        assert fid > 1e-3 and fd_dinov2 > 1e-3 and lpips > 0
+    line = claims.at_target("pcpo", [claims.RunRecord(**r) for r in records if r["arm"] == "pcpo"], -1e9, fidelity)
+    assert ", FID " in line and ", FD-DINOv2 " in line and "(2 with images)" in line
 
     # The same runs asked for again (other arm order) are reused from --out, not trained again.
     claims.main(["--settings", "ddim", "--seeds", "2", "--epochs", "3", "--eval-every", "2", "--eval-prompts", "2",

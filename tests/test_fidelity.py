@@ -247,3 +247,13 @@ def test_a_missing_dinov2_folder_is_one_line_naming_its_key(tmp_path: Path) -> N
     assert "metric fd_dinov2" in problem and "set weights.dinov2=" in problem and str(tmp_path / "absent") in problem
     with pytest.raises(ValueError, match="unknown fidelity metric.*fdd"):
         fidelity.weight_problems(["fdd"], None, "x")
+
+
+def test_eight_bit_images_are_read_at_their_exact_levels(metrics: FidelityMetrics) -> None:
+    """A sample folder's PNGs arrive as 8 bits: Inception gets those levels, not a truncated float round trip."""
+    levels = (images(4, seed=5) * 255).round().byte()
+    exact = metrics.features(levels)
+    nudged = metrics.features(levels.float() / 255 + 1e-4)  # k / 255 + 1e-4: truncates back to k
+    assert torch.equal(exact["fid"], nudged["fid"]) and torch.equal(exact["inception_score"], nudged["inception_score"])
+    assert torch.allclose(exact["fd_dinov2"], metrics.features(levels.float() / 255)["fd_dinov2"])
+    assert metrics.lpips_diversity(levels) == pytest.approx(metrics.lpips_diversity(levels.float() / 255))

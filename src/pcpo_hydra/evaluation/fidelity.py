@@ -295,10 +295,20 @@ class FidelityMetrics:
         for start in range(0, len(images), self.batch_size):
             yield images[start:start + self.batch_size].to(self.device)
 
+    @staticmethod
+    def _unit(images: Tensor) -> Tensor:
+        """Images as floats in [0, 1]: 8-bit ones (what a sample folder holds) are divided by 255."""
+        return images.float() / 255 if images.dtype == torch.uint8 else images
+
     @torch.inference_mode()
     def features(self, images: Tensor, names: Iterable[str] = METRICS) -> dict[str, Tensor]:
         """Per-image features [N, D] on the CPU of each of `names` with a network here: "fid"
-        (Inception pool), "inception_score" (Inception logits), "fd_dinov2" (DINOv2 CLS); one pass per network."""
+        (Inception pool), "inception_score" (Inception logits), "fd_dinov2" (DINOv2 CLS); one pass per network.
+
+        `images` are floats in [0, 1] or 8 bits; 8-bit images go to Inception as they are (a float
+        round trip, k / 255 * 255 truncated, could lose one level), and keep a large set at a
+        quarter of a float copy's memory.
+        """
         names = set(names)
         inception = self.inception if names & {"fid", "inception_score"} else None
         dinov2 = self.dinov2 if "fd_dinov2" in names else None
@@ -308,11 +318,12 @@ class FidelityMetrics:
                 # torchmetrics' forward returns only the first feature; its torch-fidelity pass returns
                 # both, so FID and IS share one pass. The 8-bit cast is FrechetInceptionDistance's own
                 # for normalize=True inputs (truncating, as the library does).
-                pool, logits = inception._torch_fidelity_forward((batch * 255).byte())
+                pixels = batch if batch.dtype == torch.uint8 else (batch * 255).byte()
+                pool, logits = inception._torch_fidelity_forward(pixels)
                 found.setdefault("fid", []).append(pool.cpu())
                 found.setdefault("inception_score", []).append(logits.cpu())
             if dinov2 is not None:
-                found.setdefault("fd_dinov2", []).append(dinov2(batch).cpu())
+                found.setdefault("fd_dinov2", []).append(dinov2(self._unit(batch)).cpu())
         return {name: torch.cat(parts) for name, parts in found.items() if name in names}
 
     def _require(self, name: str) -> None:
@@ -348,5 +359,6 @@ class FidelityMetrics:
         self.lpips.reset()
         for start in range(0, len(first), self.batch_size):
             pairs = slice(start, start + self.batch_size)
-            self.lpips.update(images[first[pairs]].to(self.device), images[second[pairs]].to(self.device))
+            self.lpips.update(self._unit(images[first[pairs]].to(self.device)),
+                              self._unit(images[second[pairs]].to(self.device)))
         return float(self.lpips.compute())
