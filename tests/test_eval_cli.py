@@ -112,3 +112,15 @@ def test_pcpo_sample_at_a_reward_needs_the_runs_eval_history(tmp_path: Path) -> 
                     f"out={tmp_path / 'out'}")
     line = one_line(result, "pcpo-sample")
     assert line.startswith(f"policy={str(run_dir)!r}: ") and "eval=holdout" in line
+
+
+def test_a_bad_key_and_help_import_no_heavy_library(tmp_path: Path, folders) -> None:
+    """The config and the folders are checked before torch, pandas, statsmodels or mlflow is imported."""
+    code = ("import sys; from pcpo_hydra.evaluation.cli import main\n"
+            "sys.argv = ['pcpo-eval', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY:', sorted(m for m in ('torch', 'pandas', 'statsmodels', 'mlflow') if m in sys.modules))\n")
+    for args in ([SAMPLES.format(**folders), "batch_size=0", f"out={tmp_path / 'r'}"], ["--help"]):
+        result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert result.stdout.strip().splitlines()[-1] == "HEAVY: []", result.stdout + result.stderr

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from pcpo_hydra.build import build
 from pcpo_hydra.evaluation.config import image_keys, manifest
 from pcpo_hydra.evaluation.fidelity import FRECHET, FidelityMetrics, frechet_distance, inception_score_from_logits
 from pcpo_hydra.evaluation.report import write_report
@@ -60,7 +61,7 @@ class Comparison:
         self.device = cfg.hardware.device
         self.fidelity = FidelityMetrics.build(cfg.metrics, cfg.weights.torch_hub, cfg.weights.dinov2,
                                               self.device, cfg.batch_size) if cfg.metrics else None
-        self.rewards = {name: instantiate(node, _convert_="all") for name, node in cfg.rewards.items()}
+        self.rewards = {name: build(node) for name, node in cfg.rewards.items()}  # a ModelLoadError as itself
 
     def per_image(self) -> pd.DataFrame:
         """policy, prompt, seed, file and one column per reward."""
