@@ -135,3 +135,18 @@ def test_a_key_no_line_has_is_named(run_dir: Path) -> None:
 def test_an_unknown_pick_is_refused(run_dir: Path) -> None:
     with pytest.raises(ValueError, match="pick='closest': one of nearest, below, above"):
         match_reward(run_dir, 0.0, pick="closest")
+
+
+def test_checkpoints_without_a_weights_folder_are_not_candidates(run_dir: Path) -> None:
+    """A DeepSpeed run's checkpoints hold the engine's shards only: the one without weights/ is passed over."""
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "epoch_00020" / WEIGHTS)
+    (run_dir / "checkpoints" / "epoch_00020" / MANIFEST).write_text(json.dumps({TRAINER_STATE: 50, "optimizer.bin": 300}))
+    assert match_reward(run_dir, -0.25).epoch == 10  # -0.5 at epoch 10 and 0.125 at 30 are both 0.25 away: the earlier
+    for epoch in (10, 30, 40, 50):
+        shutil.rmtree(run_dir / "checkpoints" / f"epoch_{epoch:05d}" / WEIGHTS)
+        (run_dir / "checkpoints" / f"epoch_{epoch:05d}" / MANIFEST).write_text(
+            json.dumps({TRAINER_STATE: 50, "optimizer.bin": 300}))
+    with pytest.raises(MatchError, match=r"its checkpoints hold no weights/ folder .*sample its final_weights instead"):
+        match_reward(run_dir, -0.25)

@@ -75,7 +75,11 @@ def match_reward(run_dir: Path, target: float, pick: str = "nearest", key: str =
     history = eval_history(run_dir, key)
     if not history:
         raise MatchError(f"{run_dir}: {EVAL_HISTORY} has no finite {key!r} (is it the name of an evaluated reward?)")
-    checkpoints = checkpoints_by_epoch(run_dir)
+    intact = checkpoints_by_epoch(run_dir)
+    checkpoints = {epoch: path for epoch, path in intact.items() if (path / WEIGHTS).is_dir()}
+    if intact and not checkpoints:
+        raise MatchError(f"{run_dir}: its checkpoints hold no {WEIGHTS}/ folder (a DeepSpeed run's keep only the "
+                         "engine's shards); sample its final_weights instead")
     rewards = {epoch: reward for epoch, reward in history.items() if epoch == 0 or epoch in checkpoints}
     if set(rewards) <= {0}:
         raise MatchError(f"{run_dir}: no intact checkpoint at any evaluated epoch (evaluated: {_epochs(history)}; "
