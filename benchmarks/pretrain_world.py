@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -39,6 +38,7 @@ from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
+from diffusers import AutoencoderKL  # after pcpo_hydra, which lets a CPU torch's PyPI torchvision import (torchvision_compat)
 
 # The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
 # else the one beside this script (which also puts its conf/ on Hydra's search path).

@@ -13,5 +13,9 @@ the target's packages), and a `conf/` that Hydra finds through the search-path p
     models    the tiny SD and SD3 classes sized for the world; pretrain: their pretraining
     schemas   the torch-free checks of the reward and prompt nodes
 
-This file imports nothing, so loading the package (as Hydra does to read `conf/`) never pulls in torch.
+This file imports only pcpo_hydra's light package root, so loading the package (as Hydra does to
+read `conf/`) never pulls in torch; that root must come before the modules here import diffusers,
+since it lets PyPI's torchvision import beside a CPU torch (pcpo_hydra.torchvision_compat).
 """
+
+import pcpo_hydra  # noqa: F401
