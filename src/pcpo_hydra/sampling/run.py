@@ -53,7 +53,7 @@ def _matches(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     for key, source in sources(cfg).items():
         match = matched_checkpoint(source, key, cfg.match)
         if match is not None:
-            found[key.rpartition(".")[2]] = {"run_dir": str(match.run_dir), "epoch": match.epoch,
+            found[key.rpartition(".")[2]] = {"run_dir": str(match.run_dir.resolve()), "epoch": match.epoch,
                                              "eval_reward": match.reward, "target": cfg.match.reward,
                                              "pick": match.pick}
     return found
@@ -77,7 +77,7 @@ def write_samples(cfg: DictConfig, out: Path, folders: dict[str, Path | None]) -
                         "guidance": model.guidance_scale, "file": name})
     manifest = {
         "policy": label,
-        "sources": {key.rpartition(".")[2]: source for key, source in sources(cfg).items()},
+        "sources": {key.rpartition(".")[2]: str(Path(source).resolve()) for key, source in sources(cfg).items()},
         "weights": {name: None if folder is None else str(folder) for name, folder in folders.items()},
         "matches": _matches(cfg),
         "irg": irg_weights(cfg),
