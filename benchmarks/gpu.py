@@ -101,6 +101,7 @@ TOY_FLUX_DEV_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "num_layers": 1, "num_single
                             "axes_dims_rope": (4, 6, 6)}
 TOY_RESOLUTION = 64        # pixels: 8x8 latents
 TOY_TOKENS = 8             # CLIP and T5 tokens at toy size
+TOY_LORA_RANK = 4          # the conf's ranks (up to 128) would outgrow toy widths of 32; alpha / rank is kept
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,10 @@ def build_policy(name: str, size: str, mode: str, gradient_checkpointing: bool =
 
     settings = model_settings(name)
     if size == "toy":
+        rank = min(settings["lora"]["rank"], TOY_LORA_RANK)
+        alpha = settings["lora"]["alpha"] * rank / settings["lora"]["rank"]
         settings.update(resolution=TOY_RESOLUTION, max_sequence_length=TOY_TOKENS)
+        settings["lora"].update(rank=rank, alpha=alpha)
     lora = {**settings["lora"], "enabled": mode == "lora"}
     network = build_network(name, size)
     common = {"resolution": settings["resolution"], "guidance_scale": settings["guidance_scale"], "lora": lora,
@@ -274,12 +278,13 @@ def make_inputs(policy, name: str, size: str, settings: dict[str, Any], shape: S
     """(latents, timesteps, conditioning) of one epoch; the empty prompt's embedding goes into the text cache."""
     config = NETWORKS[name].config(size)
     text = text_shapes(name, size, settings, config)
-    generator = torch.Generator(shape.device).manual_seed(0)
+    generator = None if shape.device.type == "meta" else torch.Generator(shape.device).manual_seed(0)
 
     def randn(*dims: int) -> torch.Tensor:
         return torch.randn(dims, generator=generator, device=shape.device)
 
-    policy.text_cache.store("", {key: randn(*dims) for key, dims in text.items()})
+    empty = torch.Generator().manual_seed(1)  # the cache keeps its entries on the host (meta has no data)
+    policy.text_cache.store("", {key: torch.randn(dims, generator=empty) for key, dims in text.items()})
     cond = {key: randn(shape.batch, *dims) for key, dims in text.items()}
     latents = randn(shape.batch, *policy.latent_shape)
     timesteps = torch.linspace(1000.0, 0.0, shape.steps + 1, device=shape.device)[:-1]  # the sampler's units
@@ -309,16 +314,34 @@ def update(policy, seen: list[torch.Tensor], timesteps: torch.Tensor, cond, opti
     optimizer.zero_grad(set_to_none=True)
 
 
+def cpu_attention_flops() -> dict[Any, Any]:
+    """FlopCounterMode formulas for the CPU's fused attention, which it does not count by itself (the CUDA
+    kernels, flash, memory-efficient and cuDNN, it does): the same formulas as theirs."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *_, out_val=None, **__) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *_, out_val=None, **__) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
 def count_flops(policy, latents, timesteps, cond, shape: Shape) -> tuple[float, float]:
     """FLOPs of one rollout call (a guided prediction on the batch) and one train call (forward + backward
     of a micro-batch), counted by FlopCounterMode; the calls also warm the device up."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), _autocast(shape):
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as counter, torch.no_grad(), \
+            _autocast(shape):
         policy.predict(latents, timesteps[0], cond)
     per_rollout = counter.get_total_flops()
     part = slice(0, shape.train_batch)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as counter:
         with _autocast(shape):
             out = policy.predict(latents[part], timesteps[0], {key: v[part] for key, v in cond.items()})
         out.float().square().mean().backward()
@@ -329,6 +352,19 @@ def count_flops(policy, latents, timesteps, cond, shape: Shape) -> tuple[float, 
 def epoch_flops(per_rollout: float, per_train: float, shape: Shape) -> float:
     """Rollout calls x their FLOPs + train calls x theirs (a last, smaller micro-batch counted as full)."""
     return shape.steps * per_rollout + shape.train_steps * shape.micro_batches * per_train
+
+
+def flops_on_meta(name: str, mode: str, size: str, shape: Shape) -> tuple[float, float]:
+    """`count_flops` of the row on the meta device: real-size FLOPs per call without memory or a GPU.
+
+    It also runs every shape of the real configs (text widths, token counts, latents) through the
+    project's forward code, so a wrong number in a config fails here rather than on a lent GPU.
+    """
+    meta = Shape(shape.batch, 1, 1, shape.train_batch, torch.device("meta"), torch.float32)
+    with meta.device:
+        policy, settings = build_policy(name, size, mode)
+    latents, timesteps, cond = make_inputs(policy, name, size, settings, meta)
+    return count_flops(policy, latents, timesteps, cond, meta)
 
 
 def parameter_counts(name: str, size: str, mode: str) -> tuple[int, int]:
@@ -423,6 +459,14 @@ def lookup_peak_tflops(device: torch.device, given: float | None) -> float | Non
     raise SystemExit(f"no bf16 peak known for {gpu!r}: pass --peak-tflops <dense bf16 TFLOP/s of this GPU>")
 
 
+def _count(n: int) -> str:
+    """A parameter count readable at toy and real sizes: 1.2k, 3.4M, 11.9B."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
 def _fmt(value: float, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -433,7 +477,7 @@ def report(rows: list[Row]) -> None:
           "| TFLOP per epoch | achieved TFLOP/s | share of bf16 peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        params = f"{r.trainable_params / 1e6:,.1f}M / {r.params / 1e6:,.1f}M"
+        params = f"{_count(r.trainable_params)} / {_count(r.params)}"
         if r.status != "ok":
             print(f"| {r.network} | {r.mode} | {params} | {r.status} | | | | | | |")
             continue
@@ -443,6 +487,22 @@ def report(rows: list[Row]) -> None:
     kinds = {r.memory_kind for r in rows if r.memory_kind}
     if kinds:
         print(f"peak memory: {', '.join(sorted(kinds))}")
+
+
+def report_flops(networks: list[str], modes: list[str], size: str, shape: Shape) -> list[Row]:
+    """--flops-only: FLOPs per rollout call, per train call and per epoch of each row, counted on meta."""
+    print("| network | mode | TFLOP per rollout call | TFLOP per train call | TFLOP per epoch |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for network in networks:
+        for mode in modes:
+            row = Row(network, mode, status="flops only")
+            row.flops_per_rollout_call, row.flops_per_train_call = flops_on_meta(network, mode, size, shape)
+            row.epoch_tflops = epoch_flops(row.flops_per_rollout_call, row.flops_per_train_call, shape) / 1e12
+            rows.append(row)
+            print(f"| {network} | {mode} | {row.flops_per_rollout_call / 1e12:.4g} "
+                  f"| {row.flops_per_train_call / 1e12:.4g} | {row.epoch_tflops:.4g} |", flush=True)
+    return rows
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -460,6 +520,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as model.gradient_checkpointing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 TFLOP/s")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count FLOPs per call on the meta device (no GPU, no memory), print them and stop")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.train_steps is not None and not 0 < args.train_steps <= args.steps:
@@ -479,6 +541,8 @@ def main(argv: list[str]) -> list[Row]:
     print(f"{name}, torch {torch.__version__}, {args.size} sizes, {dtype}, batch {shape.batch}, "
           f"{shape.steps} rollout steps, {shape.train_steps} trained steps in micro-batches of {shape.train_batch}, "
           f"bf16 peak {_fmt(peak, '.0f')} TFLOP/s", flush=True)
+    if args.flops_only:
+        return report_flops(args.networks, args.modes, args.size, shape)
     rows = []
     for network in args.networks:
         for mode in args.modes:
