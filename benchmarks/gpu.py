@@ -1,7 +1,14 @@
 """One GPU, real-sized networks: images/s, seconds per phase, peak memory and the share of the bf16 peak.
 
     python benchmarks/gpu.py --size toy --device cpu      # CI: every row at toy sizes, seconds on a CPU
-    python benchmarks/gpu.py --batch 8 --steps 10 --out gpu.json   # H100/H200: six rows, well under 8 min
+    python benchmarks/gpu.py --batch 8 --steps 10 --train-batch 2 --out gpu.json   # one H100 or H200
+    python benchmarks/gpu.py --flops-only --device cpu --batch 8 --steps 10 --train-batch 2   # FLOPs, no GPU
+
+The H100/H200 line is sized (by FLOP count, at ~40% of the bf16 peak: ~1 s, ~4 s and ~25 s per
+epoch for SD-1.5, SD3.5-M and FLUX LoRA) to run its six rows, each a warm-up and a measured epoch,
+in a few minutes; FLUX full is skipped (~190 GB). The micro-batch of 2 keeps the update's
+activations (the guided models double it to 4) beside SD3.5-M's 36 GB of full fine-tuning
+states; a row that still runs out of memory says so: rerun it with `--gradient-checkpointing`.
 
 Networks: the SD-1.5 `UNet2DConditionModel`, the SD3.5-Medium `SD3Transformer2DModel` and the
 FLUX.1-dev `FluxTransformer2DModel`, each built from its published config (written below, with
