@@ -435,7 +435,7 @@ def measure(name: str, mode: str, size: str, shape: Shape, peak_tflops: float | 
         _sync(shape.device)
         ended = time.perf_counter()
     except torch.OutOfMemoryError:
-        row.status = f"out of memory (--batch / --train-batch smaller, or --gradient-checkpointing)"
+        row.status = "out of memory (--batch / --train-batch smaller, or --gradient-checkpointing)"
         return row
     finally:
         policy = optimizer = latents = cond = seen = None  # noqa: F841  (free the row before the next)
