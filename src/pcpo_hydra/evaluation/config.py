@@ -22,7 +22,7 @@ from pcpo_hydra.preflight import device_problems
 from pcpo_hydra.sampling.config import MANIFEST
 
 GROUPS = ("hardware", "logger")
-METRICS = ("fid", "fd_dinov2", "inception_score", "lpips_diversity")  # evaluation.fidelity computes each
+METRICS = ("fid", "fd_dinov2", "inception_score", "lpips_diversity")  # what evaluation.fidelity computes
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from pcpo_hydra.evaluation.config import METRICS
 from pcpo_hydra.weights import ModelLoadError, WeightsFor, check_source, host_unreachable, load_component
 
 if TYPE_CHECKING:
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
     from transformers import Dinov2Model
 
-METRICS = ("fid", "fd_dinov2", "inception_score", "lpips_diversity")
 FRECHET = ("fid", "fd_dinov2")
 
 # Where torch-fidelity and torchvision download the two torch.hub files from (tests check they are

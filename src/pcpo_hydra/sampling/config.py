@@ -5,8 +5,8 @@ Torch-free: everything here runs before the model is built, so a bad key fails i
 A policy source is a run directory (its `final_weights`, else its newest intact checkpoint's
 `weights`; with `match.reward`, the checkpoint matched to that evaluation reward), a weights folder
 itself (what `save_trainable` writes: a LoRA adapter or a full network), or `runs:/<MLflow run id>`
-(`sampling.sources`, which imports mlflow only for such a source). A run directory, and a weights folder inside one (its final_weights, a checkpoint's
-weights), also knows what it was trained from: the first such source among `policy` and
+(`sampling.sources`, which imports mlflow only for such a source). A run directory, and a weights
+folder inside one (its final_weights, a checkpoint's weights), also knows what it was trained from: the first such source among `policy` and
 `irg.policies` supplies the `model` and `sampler` nodes of its saved .hydra/config.yaml (its tiny
 model's weight seed included), except where the command line chooses or sets them.
 """
@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
 from pcpo_hydra.config.checks import checked, one_of, positive
 from pcpo_hydra.config.validation import ConfigError, family_problems, check_tree
+from pcpo_hydra.evaluation.matching import PICKS
 from pcpo_hydra.paths import unwritable
 from pcpo_hydra.preflight import device_problems, need_problems
 
@@ -30,7 +31,7 @@ MANIFEST = "manifest.json"  # what each PNG of a sample folder is (sampling.run 
 FINAL_WEIGHTS = "final_weights"  # what build.run writes into a finished run's directory
 WEIGHT_FILES = ("adapter_model.safetensors", "diffusion_pytorch_model.safetensors")  # LoRA, full
 GROUPS = ("model", "sampler", "prompts", "hardware", "logger")
-PICKS = ("nearest", "below", "above")
+RUNS_PREFIX = "runs:/"  # a policy source naming an MLflow run: runs:/<run id>
 
 
 @dataclass
@@ -199,7 +200,7 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def _with_local_sources(cfg: DictConfig) -> DictConfig:
     """`cfg` with each `runs:/<id>` policy source replaced by the run dir it names on this machine."""
-    if not any(source.startswith("runs:/") for source in sources(cfg).values()):
+    if not any(source.startswith(RUNS_PREFIX) for source in sources(cfg).values()):
         return cfg
     from pcpo_hydra.sampling.sources import local_run_dir
 

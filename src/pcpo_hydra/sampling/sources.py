@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 
 from pcpo_hydra.config.validation import ConfigError
 from pcpo_hydra.evaluation.matching import Match, MatchError, match_reward
+from pcpo_hydra.sampling.config import RUNS_PREFIX
 
-RUNS_PREFIX = "runs:/"
 DOWNLOADS = ".policies"  # under `out`: what a policy run not on this machine brought from the store
 WEIGHTS_ARTIFACT, CONFIG_ARTIFACT = "weights", "config.yaml"  # what build.run logs to a training run
 
@@ -30,6 +30,11 @@ def _client(logger: DictConfig) -> Any:
     from pcpo_hydra.tracking import open_client
 
     return open_client(resolve_tracking_uri(logger.tracking_uri))
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A folder pcpo-train ran in (Hydra's .hydra/ beside its checkpoints), not a weights folder."""
+    return (Path(path) / ".hydra").is_dir()
 
 
 def _downloaded(client: Any, run_id: str, folder: Path) -> Path:
@@ -56,9 +61,9 @@ def local_run_dir(source: str, key: str, logger: DictConfig, out: Path) -> str:
         return source
     from mlflow.exceptions import MlflowException
 
-    run_id = source[len(RUNS_PREFIX):].strip("/")
     from pcpo_hydra.mlflow_store import resolve_tracking_uri, sqlite_path
 
+    run_id = source[len(RUNS_PREFIX):].strip("/")
     database = sqlite_path(resolve_tracking_uri(logger.tracking_uri))
     if database is not None and not database.is_file():  # opening it would create an empty store
         raise ConfigError([f"{key}={source!r}: there is no MLflow store at {database}; set logger.tracking_uri "
@@ -80,32 +85,29 @@ def local_run_dir(source: str, key: str, logger: DictConfig, out: Path) -> str:
                            f"({str(error).splitlines()[0]}); give the run dir instead"])
 
 
-def training_run_id(run_dir: Path, logger: DictConfig) -> str | None:
-    """The MLflow run that trained in `run_dir` (its `run_dir` tag), if the store has one."""
-    resolved = str(Path(run_dir).resolve())
-    client = _client(logger)
-    for experiment in client.search_experiments():
-        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.run_dir = '{resolved}'",
-                                  max_results=1)
-        if runs:
-            return runs[0].info.run_id
-    return None
+def _training_run_id(client: Any, run_dir: Path) -> str | None:
+    """The MLflow run that trained in `run_dir` (its `run_dir` tag), in any experiment of the store."""
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.run_dir = '{Path(run_dir).resolve()}'",
+                              max_results=1) if experiments else []
+    return runs[0].info.run_id if runs else None
 
 
 def source_runs(manifest: dict[str, Any], logger: DictConfig) -> dict[str, str]:
     """{policy name: MLflow id of the run that trained it} for a sample folder's run-dir sources (matched ones too)."""
-    runs = {}
-    for name, source in manifest.get("sources", {}).items():
-        run_dir = Path(manifest.get("matches", {}).get(name, {}).get("run_dir", source))
-        trained_in = training_run_id(run_dir, logger) if (run_dir / ".hydra").is_dir() else None
-        if trained_in is not None:
-            runs[name] = trained_in
-    return runs
+    run_dirs = {name: Path(manifest.get("matches", {}).get(name, {}).get("run_dir", source))
+                for name, source in manifest.get("sources", {}).items()}
+    run_dirs = {name: run_dir for name, run_dir in run_dirs.items() if _is_run_dir(run_dir)}
+    if not run_dirs:
+        return {}
+    client = _client(logger)  # one store opened for every source
+    found = {name: _training_run_id(client, run_dir) for name, run_dir in run_dirs.items()}
+    return {name: run_id for name, run_id in found.items() if run_id is not None}
 
 
 def matched_checkpoint(source: str, key: str, match: DictConfig) -> Match | None:
     """The checkpoint of run dir `source` at `match.reward` (None when no match is asked or `source` is no run dir)."""
-    if match.reward is None or not (Path(source) / ".hydra").is_dir():
+    if match.reward is None or not _is_run_dir(Path(source)):
         return None
     try:
         return match_reward(Path(source), float(match.reward), match.pick)
