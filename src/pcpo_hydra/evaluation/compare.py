@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from pcpo_hydra.build import build
-from pcpo_hydra.evaluation.config import image_keys, manifest
+from pcpo_hydra.evaluation.config import image_files, image_keys, manifest
 from pcpo_hydra.evaluation.fidelity import FRECHET, FidelityMetrics, frechet_distance, inception_score_from_logits
 from pcpo_hydra.evaluation.report import write_report
 from pcpo_hydra.evaluation.statistics import mixed_models, per_prompt_table
@@ -36,7 +36,7 @@ PER_IMAGE, PER_PROMPT, OVERALL, MODELS = "per_image.csv", "per_prompt.csv", "ove
 
 def load_images(folder: str, order: list[tuple[str, int]]) -> Tensor:
     """The folder's images as 8 bits [N, 3, H, W], in the (prompt, seed) order given (a quarter of floats' memory)."""
-    files = {(entry["prompt"], int(entry["seed"])): entry["file"] for entry in manifest(folder)["images"]}
+    files = image_files(manifest(folder))
     pixels = np.stack([np.asarray(Image.open(Path(folder) / files[key]).convert("RGB")) for key in order])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
@@ -68,7 +68,7 @@ class Comparison:
         frames = []
         for name in self.names:
             scores = {reward: self._score(model, self.images[name]) for reward, model in self.rewards.items()}
-            files = {(e["prompt"], int(e["seed"])): e["file"] for e in manifest(self.cfg.samples[name])["images"]}
+            files = image_files(manifest(self.cfg.samples[name]))
             frames.append(pd.DataFrame({"policy": name, "prompt": self.prompts, "seed": [s for _, s in self.order],
                                         "file": [files[key] for key in self.order], **scores}))
         return pd.concat(frames, ignore_index=True)

@@ -62,6 +62,11 @@ def image_keys(found: dict[str, Any]) -> list[tuple[str, int]]:
     return [(entry["prompt"], int(entry["seed"])) for entry in found["images"]]
 
 
+def image_files(found: dict[str, Any]) -> dict[tuple[str, int], str]:
+    """(prompt, seed) -> the image's file name, of a manifest."""
+    return dict(zip(image_keys(found), (entry["file"] for entry in found["images"])))
+
+
 def _sample_problems(cfg: DictConfig) -> list[str]:
     """Every folder a pcpo-sample folder, the reference and baseline among them, all of the same images."""
     problems = []
