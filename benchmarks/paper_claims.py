@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -58,6 +59,7 @@ from pcpo_hydra import build
 from pcpo_hydra.config import validate
 from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.evaluation.callback import Evaluation
+from pcpo_hydra.images import to_uint8
 from pcpo_hydra.tracking import MLflowTracker
 
 # The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
@@ -150,7 +152,7 @@ class RecordedEvaluation(Evaluation):
 
     def sample(self, trainer):
         images = super().sample(trainer)
-        self.images[self.epoch] = (images.float().clamp(0, 1) * 255).round().byte().cpu()
+        self.images[self.epoch] = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # as a PNG holds them
         return images
 
     def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
@@ -242,8 +244,6 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
     record = evaluation.record
     record.images, record.eval_group = str(images_file(record_file)), cfg.eval.group_size
     record_file.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
     torch.save(evaluation.images, images_file(record_file))
     record_file.write_text(json.dumps(asdict(record)))
     print(f"{setting:9s} {arm:14s} seed {seed}: eval reward {record.eval_reward[0]:.3f} -> {final_reward(record):.3f}, "
@@ -377,8 +377,6 @@ def at_target(arm: str, runs: list[RunRecord], target: float, fidelity: Any = No
 def fidelity_at(run: RunRecord, epoch: int, fidelity: Any) -> tuple[float, float, float]:
     """(FID, FD-DINOv2) of the run's evaluation images at `epoch` against its base model's (epoch 0: the same
     prompts and seeds), and the mean LPIPS diversity within each prompt's images at `epoch`."""
-    import torch
-
     from pcpo_hydra.evaluation.fidelity import frechet_distance
 
     images = torch.load(run.images)  # 8-bit, as FidelityMetrics takes them
