@@ -5,6 +5,7 @@ Sample folders here are written by hand in pcpo-sample's layout (a manifest and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -64,8 +65,10 @@ SAMPLES = "samples={{base:{base},a:{a}}}"  # formatted with the folders
                                      "lpips_diversity"),
     ([SAMPLES, "batch_size=0"], "batch_size=0: must be a number > 0"),
     ([SAMPLES, "+reward@rewards.aes=aesthetic", "rewards.aes.batch_size=0"], "rewards.aes.batch_size=0: must be"),
-    ([SAMPLES, "+reward@rewards.text=ocr", "rewards.text.tesseract_cmd=/nonexistent/t", "metrics=[]"],
-     "rewards.text (pcpo_hydra.rewards.ocr.OcrReward) needs the executable '/nonexistent/t'"),
+    pytest.param([SAMPLES, "+reward@rewards.text=ocr", "rewards.text.tesseract_cmd=/nonexistent/t", "metrics=[]"],
+                 "rewards.text (pcpo_hydra.rewards.ocr.OcrReward) needs the executable '/nonexistent/t'",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("pytesseract") is None,  # else a second problem
+                                          reason="pip install 'pcpo-hydra[ocr]'")),
 ])
 def test_a_bad_pcpo_eval_key_is_one_line_with_exit_2(tmp_path: Path, folders, overrides: list[str], message: str) -> None:
     result, _ = run("pcpo_hydra.evaluation.cli", tmp_path, *(o.format(**folders) for o in overrides),
