@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ class PolicyModel(ABC):
         self.network = network
         self.scheduler = scheduler
         self.guidance_scale = float(guidance_scale)
+        self._guidance_on = True  # off only inside `guided(False)`: training without guidance (train.cfg)
         self.weights = weights
         self.offload_text_encoders = offload_text_encoders
         self.text_cache = TextEmbeddingCache(None, "memory")
@@ -130,10 +133,13 @@ class PolicyModel(ABC):
     def predict(
         self, latents: Tensor, timestep: Tensor | int, cond: dict[str, Tensor], network: nn.Module | None = None
     ) -> Tensor:
-        """Network output after guidance, f_u + g (f_c - f_u), from one call on the doubled batch."""
+        """Network output after guidance, f_u + g (f_c - f_u), from one call on the doubled batch.
+
+        At scale 1.0, or inside `guided(False)`, it is the conditional output alone, from one call on the batch.
+        """
         network = self.network if network is None else network
         timestep = torch.as_tensor(timestep, device=latents.device)
-        if self.guidance_scale == 1.0:
+        if self.guidance_scale == 1.0 or not self._guidance_on:
             return self.forward_network(network, latents, timestep, cond)
         batch = latents.shape[0]
         uncond = self.unconditional()
@@ -141,6 +147,20 @@ class PolicyModel(ABC):
         timesteps = timestep.repeat(2) if timestep.ndim else timestep
         f_u, f_c = self.forward_network(network, torch.cat([latents, latents]), timesteps, both).chunk(2)
         return torch.lerp(f_u, f_c, self.guidance_scale)  # f_u + g (f_c - f_u) as one op, forward and back
+
+    @contextmanager
+    def guided(self, enabled: bool) -> Iterator[None]:
+        """Within it, `predict` (and so `predict_reference`) applies classifier-free guidance only if `enabled`.
+
+        The trainer runs its rollout and its update inside `guided(train.cfg)`: with train.cfg=false
+        both sample and recompute the same unguided policy (Flow-GRPO's CFG-free training), while
+        `guidance_scale` stays the user's for what runs outside, evaluation and pcpo-sample.
+        """
+        before, self._guidance_on = self._guidance_on, enabled
+        try:
+            yield
+        finally:
+            self._guidance_on = before
 
     @torch.no_grad()
     def predict_reference(self, latents: Tensor, timestep: Tensor | int, cond: dict[str, Tensor]) -> Tensor:
