@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pcpo_hydra.algorithms.advantages import flat_groups
 from pcpo_hydra.algorithms.base import Algorithm
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.checkpoint import save_checkpoint
@@ -127,7 +128,7 @@ class Trainer:
         self.timings[phase] = time.perf_counter() - start
 
     def rollout(self, epoch: int, prompts: list[str]) -> Trajectories:
-        with self.timed("rollout"):
+        with self.timed("rollout"), self.parts.model.guided(self.cfg.train.cfg):
             self.parts.model.network.eval()
             return sample_trajectories(
                 self.parts.model, self.parts.sampler, prompts[self.layout.rows],
@@ -139,17 +140,24 @@ class Trainer:
         return self.accelerator.gather(values.contiguous()) if self.layout.world > 1 else values
 
     def score(self, traj: Trajectories, prompts: list[str]) -> Tensor:
-        """Score this rank's images, set its advantages from the whole epoch's rewards; return all rewards."""
+        """Score this rank's images, set its advantages from the whole epoch's rewards; return all rewards.
+
+        With `rollout.drop_flat_groups` the samples of groups with equal rewards are marked not to
+        train (`traj.kept`); every rank sees all rewards, so all agree on which ones without a collective.
+        """
         with self.timed("reward"):
             rewards, traj.extras["reward_parts"] = self.parts.reward.score_parts(traj.images, traj.prompts)
             traj.rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
             everyone = self.gather(traj.rewards)
             advantages = self.parts.algorithm.advantages(prompts, everyone)
             traj.advantages = advantages.to(traj.rewards.device)[self.layout.rows]
+            if self.cfg.rollout.drop_flat_groups:
+                flat = flat_groups(everyone, self.cfg.rollout.group_size)
+                traj.kept = ~flat.repeat_interleave(self.cfg.rollout.group_size)[self.layout.rows]
             return everyone
 
     def update(self, traj: Trajectories) -> dict[str, float]:
-        with self.timed("update"):
+        with self.timed("update"), self.parts.model.guided(self.cfg.train.cfg):
             self.parts.model.network.train()
             return self.parts.algorithm.update(
                 traj, self.parts.model, self.parts.sampler,
@@ -213,6 +221,8 @@ class Trainer:
             "rollout/advantage_mean": adv.mean().item(),
             "rollout/advantage_std": adv.std(unbiased=False).item(),
             "rollout/advantage_abs_max": adv.abs().max().item(),
+            # logged whether or not they are dropped: how much of the epoch the group baseline wastes
+            "rollout/flat_groups": float(flat_groups(rewards, self.cfg.rollout.group_size).sum()),
             "train/lr": self.parts.optimizer.param_groups[0]["lr"],
             **self.mean_over_ranks(
                 {**train_stats, "rollout/group_diversity": group_diversity(traj.images, self.cfg.rollout.group_size)}

@@ -21,6 +21,7 @@ class Trajectories:
     images: Tensor            # decoded final latents, [N, 3, H, W] in [0, 1]
     rewards: Tensor | None = None
     advantages: Tensor | None = None
+    kept: Tensor | None = None  # bool [N]: the samples the update trains on (None: all; rollout.drop_flat_groups)
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +36,67 @@ def _forwards(rows: Tensor, order: Tensor, per_forward: int) -> Iterator[tuple[T
         steps = order[:, j : j + per_forward]
         weight = steps.shape[1] * forwards / trained
         yield rows[:, None].expand_as(steps).reshape(-1), steps.reshape(-1), weight
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of the update: its samples, the steps trained of each, and its loss scale."""
+
+    rows: Tensor    # sample indices into the trajectories
+    steps: Tensor   # [len(rows), trained] step indices of each sample
+    scale: float    # 0 for padding; else what makes an optimizer step the mean over the samples it trained on
+
+
+def micro_batches(
+    kept: Tensor, dropped: Tensor, counts: list[int], rank: int, batch_size: int, per_update: int,
+    steps: int, trained: int, generator: torch.Generator,
+) -> list[MicroBatch]:
+    """One inner epoch's micro-batches on rank `rank`: its `kept` samples shuffled, then padding.
+
+    `counts` holds every rank's number of kept samples. Every rank must make the same number of
+    forward, backward and optimizer calls, or ZeRO's collectives hang. When ranks keep different
+    numbers (rollout.drop_flat_groups), each runs as many micro-batches as the rank with the most,
+    rounded up to whole optimizer steps (the accelerator's accumulation count is fixed), and fills
+    the ones it lacks with `dropped` samples at loss scale 0: padding only where a rank would
+    otherwise wait for the others. (Taking the minimum over ranks instead would leave kept samples
+    untrained.) Whole micro-batches of padding always fit: a rank keeping k of its n samples pads
+    at most n - k of them, as the rounded-up count never exceeds the full update's. A real
+    micro-batch's loss is scaled by its samples x ranks x `per_update` / the optimizer step's
+    samples over all ranks, so each step's gradient is the mean over the samples it trained on, as
+    when nothing is dropped (then every count is n and every scale exactly 1).
+    """
+    per_rank = max(math.ceil(count / batch_size) for count in counts)
+    total = math.ceil(per_rank / per_update) * per_update
+    sizes = [[min(batch_size, max(0, count - j * batch_size)) for j in range(total)] for count in counts]
+    in_step = [sum(size[j] for size in sizes for j in range(u, u + per_update)) for u in range(0, total, per_update)]
+    order = torch.randperm(len(kept), generator=generator).to(kept.device)
+    step_order = _step_order(len(kept), steps, trained, generator).to(kept.device)
+    real = [(kept[p], step_order[p]) for p in order.split(batch_size) if len(p)]  # split(0 rows) gives one empty
+    padding = dropped[: (total - len(real)) * batch_size].split(batch_size)
+    pads = [(rows, torch.arange(trained, device=rows.device).expand(len(rows), -1)) for rows in padding if len(rows)]
+    scale = [size * len(counts) * per_update / in_step[j // per_update] for j, size in enumerate(sizes[rank])]
+    return [MicroBatch(rows, k, s) for (rows, k), s in zip(real + pads, scale)]
+
+
+def _counts_over_ranks(count: int, accelerator: Accelerator) -> list[int]:
+    """Every rank's `count`, in rank order: the same list on every rank."""
+    if accelerator.num_processes == 1:
+        return [count]
+    return accelerator.gather(torch.tensor([count], device=accelerator.device)).tolist()
+
+
+def _means_over_ranks(totals: dict[str, Tensor], forwards: int, accelerator: Accelerator) -> dict[str, float]:
+    """train/<key>: each statistic's mean over the trained forwards of all ranks, which may differ in number.
+
+    Padding forwards add zeros to `totals`, so every rank holds the same keys for the reduction.
+    """
+    keys = sorted(totals)
+    values = torch.stack([*(totals[key].double() for key in keys),
+                          torch.tensor(float(forwards), dtype=torch.float64, device=accelerator.device)])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="sum")
+    *sums, count = values.tolist()
+    return {f"train/{key}": value / max(count, 1) for key, value in zip(keys, sums)}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -68,18 +130,21 @@ def update_policy(
     train: DictConfig,
     generator: torch.Generator,
 ) -> dict[str, float]:
-    """`train.inner_epochs` passes over the samples; returns the mean of each training statistic."""
+    """`train.inner_epochs` passes over the samples `traj.kept` marks (all if None); returns each statistic's mean."""
     n, steps = traj.log_probs.shape
     trained = trained_steps(steps, train.timestep_fraction)
     params = model.trainable_parameters()
     device = traj.latents.device
+    kept = torch.ones(n, dtype=torch.bool, device=device) if traj.kept is None else traj.kept
+    counts = _counts_over_ranks(int(kept.sum()), accelerator)
+    # micro-batches per optimizer step, as the accelerator counts them (build.accumulation_steps)
+    per_update = accelerator.gradient_accumulation_steps // math.ceil(trained / train.steps_per_forward)
     totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     forwards, grad_norms, skipped, in_a_row = 0, [], 0, 0
     for _ in range(train.inner_epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        step_order = _step_order(n, steps, trained, generator).to(device)
-        for rows in order.split(train.batch_size):
-            for r, k, weight in _forwards(rows, step_order[rows], train.steps_per_forward):
+        for batch in micro_batches(kept.nonzero().flatten(), (~kept).nonzero().flatten(), counts,
+                                   accelerator.process_index, train.batch_size, per_update, steps, trained, generator):
+            for r, k, weight in _forwards(batch.rows, batch.steps, train.steps_per_forward):
                 x = traj.latents[r, k]
                 cond = {key: value[r] for key, value in traj.cond.items()}
                 t = sampler.timestep(k)
@@ -91,7 +156,7 @@ def update_policy(
                         traj.outputs[r, k], f_new, traj.log_probs[r, k], traj.advantages[r], f_ref,
                     )
                     bad = _any_rank(not torch.isfinite(loss).item(), accelerator)
-                    accelerator.backward(_zero_loss(params) if bad else loss * weight)
+                    accelerator.backward(_zero_loss(params) if bad else loss * (weight * batch.scale))
                     if accelerator.sync_gradients:  # only here: the wrapped step is not free even as a no-op
                         norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
                         grad_norms.append(norm)
@@ -106,11 +171,11 @@ def update_policy(
                     )
                 if bad:
                     continue
-                totals["loss"] += loss.detach()
-                for key, value in stats.items():
-                    totals[key] += value.detach()
-                forwards += 1
-    means = {f"train/{key}": float(value) / max(forwards, 1) for key, value in totals.items()}
+                padding = batch.scale == 0.0
+                for key, value in {"loss": loss, **stats}.items():
+                    totals[key] += 0.0 if padding else value.detach()
+                forwards += not padding
+    means = _means_over_ranks(totals, forwards, accelerator)
     norms = [float(g) for g in grad_norms if g is not None]
     means["train/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     means["train/num_updates"] = float(len(grad_norms))

@@ -31,6 +31,22 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
     return (centred / (std + eps)).reshape(-1)
 
 
+def flat_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Tensor[G] bool: the groups (consecutive blocks of `group_size`) whose finite rewards all equal.
+
+    `group_advantages` gives such a group zero advantage, up to the rounding of its mean (so does a
+    group with fewer than two finite rewards): its update would train nothing. Equality is exact,
+    not within a tolerance: rewards have no common scale, and normalisation by (std + 1e-4) turns any
+    spread above rounding into advantages that train. Flat groups are what discrete or saturated
+    rewards (OCR accuracy, a met or missed check) produce; continuous rewards rarely tie.
+    """
+    r = rewards.reshape(-1, group_size)
+    finite = torch.isfinite(r)
+    high = torch.where(finite, r, -torch.inf).amax(1)
+    low = torch.where(finite, r, torch.inf).amin(1)
+    return (finite.sum(1) < 2) | (high == low)
+
+
 def clip_advantages(adv: Tensor, max_abs: float) -> Tensor:
     """Clamp to [-max_abs, max_abs], bounding any one sample's push on the policy."""
     if max_abs <= 0:

@@ -63,6 +63,11 @@ class Algorithm(Protocol):
     ) -> dict[str, float]:
         """Train on this rank's trajectories (advantages set); return the epoch's `train/<name>` statistics.
 
+        `traj.kept` (None: all) marks the samples to train on: with `rollout.drop_flat_groups` the
+        groups of equal rewards are left out, so ranks may keep different numbers, none included
+        (`update.micro_batches` pads them to the same calls). The loop runs this, and the rollout,
+        inside `model.guided(train.cfg)`, so `model.predict` already guides as the run trains.
+
         `train` is the run's train node (batch_size, inner_epochs, timestep_fraction,
         steps_per_forward, max_grad_norm, max_nan_steps); `generator` is the run's shuffle stream,
         checkpointed by the loop, so a resumed run shuffles as an uninterrupted one. The

@@ -16,10 +16,12 @@ class RolloutSchema:
     prompts_per_epoch: int = checked(positive())
     group_size: int = checked(at_least(2))
     batch_size: int = checked(positive())
+    drop_flat_groups: bool = MISSING  # needs algorithm.advantage=group (validation's cross-checks)
 
 
 @dataclass
 class TrainSchema:
+    cfg: bool = MISSING
     batch_size: int = checked(positive())
     inner_epochs: int = checked(positive())
     timestep_fraction: float = checked(interval(0.0, 1.0, low_open=True))

@@ -167,6 +167,12 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.num_updates={train.num_updates}: must divide the {total // train.batch_size} "
             f"training micro-batches per inner epoch ({where} / train.batch_size)"
         )
+    advantage = cfg.algorithm.advantage if "advantage" in cfg.algorithm else None  # a plugin's may have none
+    if rollout.drop_flat_groups and advantage != "group":
+        problems.append(
+            f"rollout.drop_flat_groups=true: needs algorithm.advantage='group' (got {advantage!r}), the only "
+            "advantages that are zero for a group of equal rewards; set rollout.drop_flat_groups=false"
+        )
     trained = trained_steps(cfg.sampler.num_steps, train.timestep_fraction)
     if trained < 1:
         problems.append(
