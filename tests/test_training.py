@@ -24,6 +24,7 @@ EPOCH_METRICS = {
     "rollout/advantage_mean", "rollout/advantage_std", "rollout/advantage_abs_max",
     "train/loss", "train/policy_loss", "train/clipfrac", "train/approx_kl", "train/grad_norm", "train/lr",
     "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s", "rollout/group_diversity",
+    "rollout/flat_groups",
 }
 
 
