@@ -256,3 +256,54 @@ def test_nan_losses_skip_their_micro_batch_then_stop_the_run_with_the_checkpoint
     load_checkpoint(latest_checkpoint(tmp_path), trainer.accelerator)
     for before, after in zip(saved, trainer.parts.model.trainable_parameters()):
         assert torch.equal(before, after)
+
+
+FLAT_SECOND_HALF = '''
+import os
+from pcpo_hydra.rewards.jpeg import JpegCompressibility
+
+scored = JpegCompressibility.score_parts
+
+def flat_second_half(self, images, prompts):
+    """Equal rewards for the epoch's second half: all of rank 1's groups under 2 ranks, none of rank 0's."""
+    rewards, parts = scored(self, images, prompts)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    first_flat = len(rewards) // 2 if world == 1 else (len(rewards) if rank == 0 else 0)
+    rewards[first_flat:] = -1.0
+    return rewards, parts
+
+JpegCompressibility.score_parts = flat_second_half
+'''
+
+
+@pytest.mark.integration
+def test_dropping_every_group_of_one_zero2_rank_trains_as_one_process_does(compose_cfg, tmp_path: Path) -> None:
+    """Rank 1 keeps no sample and pads its micro-batches; the ranks stay in step and reach one process's weights.
+
+    As in the ZeRO test above, AdamW with a large eps is a plain gradient step, so the update must be
+    the mean over the kept samples on both layouts, and a padding micro-batch must add nothing.
+    """
+    common = ["epochs=1", "train.inner_epochs=2", "train.num_updates=1", "checkpoint_every=0", "optim.lr=1e-2",
+              "optim.eps=1.0", "train.max_grad_norm=1e9", "rollout.drop_flat_groups=true"]
+    runs = {"one": ["hardware=cpu", "hardware.num_threads=1", "rollout.prompts_per_epoch=4"],
+            "zero2": ["hardware=cpu2_zero2", "rollout.prompts_per_epoch=2"]}
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FLAT_SECOND_HALF)
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    for name, overrides in runs.items():
+        (tmp_path / name).mkdir()
+        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run",
+                            env={"PYTHONPATH": pythonpath})
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    initial = initial_weights(compose_cfg)
+    moved = {name: torch.cat([(final_weights(tmp_path / name / "run")[k] - initial[k]).flatten() for k in initial])
+             for name in runs}
+    assert moved["one"].abs().max() > 1e-3
+    relative = ((moved["zero2"] - moved["one"]).norm() / moved["one"].norm()).item()
+    assert relative < 1e-4, relative
+    for name in runs:
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+        assert run.data.metrics["rollout/flat_groups"] == 2  # of 4
+        assert run.data.metrics["train/num_updates"] == 2  # one per inner epoch, on every rank
