@@ -20,6 +20,7 @@ from pcpo_hydra.algorithms.base import Algorithm
 from pcpo_hydra.algorithms.steps import trained_steps
 from pcpo_hydra.evaluation.callback import evaluation_callbacks
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
+from pcpo_hydra.ema import WeightAverage
 from pcpo_hydra.loop import Components, Trainer
 from pcpo_hydra.weights import ModelLoadError
 from pcpo_hydra.preemption import Preempted, StopSignals
@@ -77,9 +78,11 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
         weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,
     )
     model.network, optimizer = accelerator.prepare(model.network, optimizer)
-    register_weight_hooks(accelerator, model)
+    ema = cfg.train.ema
+    average = None if ema.decay is None else WeightAverage(model.trainable_parameters(), ema.decay, ema.every)
+    register_weight_hooks(accelerator, model, average)
     reward = build(cfg.reward)
-    return Components(model, sampler, reward, algorithm, prompts, optimizer)
+    return Components(model, sampler, reward, algorithm, prompts, optimizer, average)
 
 
 def run_tags(choices: dict[str, str], overrides: list[str], job: dict[str, str]) -> dict[str, str]:
@@ -166,7 +169,10 @@ def resume_from_checkpoint(trainer: Trainer, run_dir: Path) -> str | None:
 
 
 def save_final_weights(trainer: Trainer, directory: Path) -> None:
-    """The trained weights, written by rank 0; under ZeRO-3 every rank first helps gather them."""
+    """The trained weights (their EMA with train.ema), written by rank 0; under ZeRO-3 every rank first helps gather them.
+
+    ZeRO-3 and the EMA never meet: validation refuses the pair.
+    """
     accelerator, model = trainer.accelerator, trainer.parts.model
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:
@@ -176,5 +182,6 @@ def save_final_weights(trainer: Trainer, directory: Path) -> None:
             if accelerator.is_main_process:
                 model.save_trainable(directory)
     elif accelerator.is_main_process:
-        model.save_trainable(directory)
+        with trainer.ema_weights():
+            model.save_trainable(directory)
     accelerator.wait_for_everyone()

@@ -2,8 +2,9 @@
 
 Layout: <run_dir>/checkpoints/epoch_00005/ holds Accelerate's state (optimizer, RNG streams of
 every rank; under DeepSpeed the engine's sharded model and optimizer states), `weights/` (the
-trained weights only, as the model saves them: LoRA adapters or the whole network) and
-`trainer.pt` (epoch, shuffling stream, advantage statistics, MLflow run id). A checkpoint is
+trained weights only, as the model saves them: LoRA adapters or the whole network; with
+`train.ema` their average, the trained ones in `trained_weights/`) and `trainer.pt` (epoch,
+shuffling stream, advantage statistics, the EMA's state, MLflow run id). A checkpoint is
 written to a temporary folder and renamed into place, so a crash mid-write never leaves a
 half-checkpoint that resume would pick up. `manifest.json`, written last, records every file's
 size: a checkpoint damaged later (a truncated copy, a disk that filled) is found before loading
@@ -23,6 +24,7 @@ from pcpo_hydra.writes import written
 _PREFIX = "epoch_"
 TRAINER_STATE = "trainer.pt"
 WEIGHTS = "weights"
+TRAINED_WEIGHTS = "trained_weights"  # with train.ema: the raw trained weights, beside their average in weights/
 MANIFEST = "manifest.json"
 
 
@@ -89,22 +91,29 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def register_weight_hooks(accelerator: Any, model: Any) -> None:
+def register_weight_hooks(accelerator: Any, model: Any, average: Any = None) -> None:
     """Without DeepSpeed, Accelerate would save the whole network (base included): save the trained weights only.
 
-    Under DeepSpeed the engine saves and loads its own (sharded) states, frozen weights left out.
+    With an EMA (`average`, a pcpo_hydra.ema.WeightAverage), `weights/` holds the averaged weights,
+    what pcpo-sample and matched-reward choice load, and TRAINED_WEIGHTS the trained ones a resume
+    continues from. Under DeepSpeed the engine saves and loads its own (sharded) states, frozen
+    weights left out, and the average travels in the trainer state only.
     """
+    resumed_from = WEIGHTS if average is None else TRAINED_WEIGHTS
 
     def save(models: list, weights: list, output_dir: str) -> None:
         if weights:
             weights.clear()
             if accelerator.is_main_process:
-                model.save_trainable(Path(output_dir) / WEIGHTS)
+                model.save_trainable(Path(output_dir) / resumed_from)
+                if average is not None:
+                    with average.swapped_in():
+                        model.save_trainable(Path(output_dir) / WEIGHTS)
 
     def load(models: list, input_dir: str) -> None:
         if models:
             models.clear()
-            model.load_trainable(Path(input_dir) / WEIGHTS)
+            model.load_trainable(Path(input_dir) / resumed_from)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +21,7 @@ from pcpo_hydra.algorithms.advantages import flat_groups
 from pcpo_hydra.algorithms.base import Algorithm
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.checkpoint import save_checkpoint
+from pcpo_hydra.ema import AveragingOptimizer, WeightAverage
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rank_layout import RankLayout
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
@@ -41,6 +42,7 @@ class Components:
     algorithm: Algorithm
     prompts: Any
     optimizer: torch.optim.Optimizer
+    average: WeightAverage | None = None  # the EMA of the trained weights (train.ema), None without one
 
 
 def reward_stats(prefix: str, rewards: Tensor) -> dict[str, float]:
@@ -101,13 +103,16 @@ class Trainer:
     # ------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "prompt_generator": self.prompt_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
             "algorithm": self.parts.algorithm.state_dict(),
             "mlflow_run_id": self.tracker.run_id,
         }
+        if self.parts.average is not None:
+            state["ema"] = self.parts.average.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
@@ -116,6 +121,17 @@ class Trainer:
         # Checkpoints from before pluggable algorithms hold the clipped method's advantage state
         # under "advantages"; that is the whole of its state_dict, so it loads as it is.
         self.parts.algorithm.load_state_dict(state["algorithm"] if "algorithm" in state else state["advantages"])
+        if self.parts.average is not None:  # a resume keeps train.ema, so the checkpoint has it
+            self.parts.average.load_state_dict(state["ema"])
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA of the trained weights in the network inside the block (train.ema; as they are without one).
+
+        What evaluation samples and the saved weights hold; training goes on from the trained weights.
+        """
+        with nullcontext() if self.parts.average is None else self.parts.average.swapped_in():
+            yield
 
     # ------------------------------------------------------------------------------- phases
 
@@ -159,9 +175,12 @@ class Trainer:
     def update(self, traj: Trajectories) -> dict[str, float]:
         with self.timed("update"), self.parts.model.guided(self.cfg.train.cfg):
             self.parts.model.network.train()
+            optimizer, average = self.parts.optimizer, self.parts.average
+            if average is not None:
+                optimizer = AveragingOptimizer(optimizer, average, self.accelerator)
             return self.parts.algorithm.update(
                 traj, self.parts.model, self.parts.sampler,
-                self.parts.optimizer, self.accelerator, self.cfg.train, self.shuffle_generator,
+                optimizer, self.accelerator, self.cfg.train, self.shuffle_generator,
             )
 
     # ------------------------------------------------------------------------------- loop

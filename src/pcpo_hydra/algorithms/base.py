@@ -74,7 +74,8 @@ class Algorithm(Protocol):
         accelerator was built to step the optimizer once per `build.accumulation_steps(cfg)`
         backward passes (train.batch_size samples x train.steps_per_forward steps each): run each
         backward inside `accelerator.accumulate(model.network)` and make that many per optimizer
-        step. Every rank must make the same collective calls and return the same keys, which the
+        step. With train.ema, `optimizer.step()` also updates the average whenever it really steps
+        (ema.AveragingOptimizer). Every rank must make the same collective calls and return the same keys, which the
         loop averages over the ranks and logs.
         """
 

@@ -20,6 +20,14 @@ class RolloutSchema:
 
 
 @dataclass
+class EmaSchema:
+    """`train.ema`: an exponential moving average of the trained weights (pcpo_hydra.ema)."""
+
+    decay: Optional[float] = checked(interval(0.0, 1.0, low_open=True, high_open=True))  # null: no EMA
+    every: int = checked(positive())
+
+
+@dataclass
 class TrainSchema:
     cfg: bool = MISSING
     batch_size: int = checked(positive())
@@ -29,6 +37,7 @@ class TrainSchema:
     steps_per_forward: int = checked(positive())
     max_grad_norm: float = checked(positive())
     max_nan_steps: int = checked(positive())  # micro-batches in a row with a non-finite loss before the run stops
+    ema: EmaSchema = MISSING
 
 
 @dataclass

@@ -179,6 +179,12 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
             f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
         )
+    deepspeed = cfg.hardware.deepspeed
+    if train.ema.decay is not None and deepspeed is not None and deepspeed.stage == 3:
+        problems.append(
+            f"train.ema.decay={train.ema.decay}: needs every trained weight whole on each rank, which "
+            "hardware.deepspeed.stage=3 shards; use ZeRO stage 2 (hardware=node8_zero2) or train.ema.decay=null"
+        )
     problems.extend(resume_problems(cfg.resume))
     return problems
 

@@ -103,10 +103,14 @@ class Evaluation(Callback):
                 log.warning("no %s in %s: eval/drift is NaN for this run", BASE_IMAGES, trainer.run_dir)
 
     def sample(self, trainer: Trainer) -> Tensor:
-        """The evaluation images: the same prompts and seeds each time, so only the policy changes them."""
+        """The evaluation images: the same prompts and seeds each time, so only the policy changes them.
+
+        With train.ema the policy evaluated is the EMA of the trained weights, as the saved weights are.
+        """
         trainer.parts.model.network.eval()
-        return sample_images(trainer.parts.model, self.sampler, self.prompts, self.seeds,
-                             trainer.cfg.rollout.batch_size)
+        with trainer.ema_weights():
+            return sample_images(trainer.parts.model, self.sampler, self.prompts, self.seeds,
+                                 trainer.cfg.rollout.batch_size)
 
     def measure(self, trainer: Trainer, epoch: int, images: Tensor) -> dict[str, float]:
         """eval/<reward>_mean and _std, eval/drift; the captioned grid for epochs the tracker lacks."""
