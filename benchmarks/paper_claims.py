@@ -62,7 +62,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcpo_hydra import build
-from pcpo_hydra.algorithms.steps import stored_steps, trained_steps
+from pcpo_hydra.algorithms.steps import network_images_per_epoch
 from pcpo_hydra.config import validate
 from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.evaluation.callback import Evaluation
@@ -264,7 +264,7 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
     build.run(cfg, run_dir, choices, arm_overrides + args.overrides, tags, callbacks=[evaluation])
     record = evaluation.record
     record.images, record.eval_group = str(images_file(record_file)), cfg.eval.group_size
-    record.network_rows = network_rows(cfg)
+    record.network_rows = network_images_per_epoch(cfg)
     record_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(evaluation.images, images_file(record_file))
     record_file.write_text(json.dumps(asdict(record)))
@@ -272,16 +272,6 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
           f"rollout {record.reward[0]:.3f} -> {statistics.fmean(record.reward[-FINAL_EPOCHS:]):.3f} "
           f"in {record.seconds:.0f} s", flush=True)
     return record
-
-
-def network_rows(cfg) -> dict[str, int]:
-    """Images through the network per epoch by phase: every step of every rollout, the trained steps of the
-    update, doubled where classifier-free guidance runs (evaluations left out)."""
-    samples = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
-    guided = 2 if cfg.train.cfg and cfg.model.guidance_scale != 1.0 else 1
-    trained = trained_steps(stored_steps(cfg.sampler), cfg.train.timestep_fraction)
-    return {"rollout": samples * cfg.sampler.num_steps * guided,
-            "update": samples * trained * guided * cfg.train.inner_epochs}
 
 
 # ------------------------------------------------------------------------------------- analysis
