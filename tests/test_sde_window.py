@@ -50,9 +50,11 @@ def test_a_random_window_is_drawn_per_epoch_from_the_seed_alone():
 
 
 def test_the_config_node_builds_the_window_or_none():
-    node = {"sde_window": {"size": 2, "placement": "sliding", "range": None, "every": 3, "stride": 1}}
-    assert SDEWindow.from_config(node, num_steps=10, seed=7) == SDEWindow(2, "sliding", 0, 10, 3, 1, 7)
-    assert SDEWindow.from_config({"sde_window": {**node["sde_window"], "size": None}}, 10, 7) is None
+    node = {"num_steps": 10, "sde_window": {"size": 2, "placement": "sliding", "range": None, "every": 3, "stride": 1}}
+    assert SDEWindow.from_config(node, seed=7) == SDEWindow(2, "sliding", 0, 10, 3, 1, 7)
+    assert SDEWindow.from_config({**node, "sde_window": {**node["sde_window"], "range": [2, 5]}}, 7).end == 5
+    assert SDEWindow.from_config({**node, "sde_window": {**node["sde_window"], "size": None}}, 7) is None
+    assert SDEWindow.from_config({"num_steps": 10}, 7) is None  # a run saved before windows existed
 
 
 @pytest.mark.parametrize(("overrides", "problem"), [
@@ -74,6 +76,18 @@ def test_a_bad_window_is_one_line_naming_the_key(compose_cfg, overrides, problem
     with pytest.raises(ConfigError) as info:
         validate(compose_cfg(*overrides))
     assert len(info.value.problems) == 1 and info.value.problems[0].startswith(problem), info.value.problems
+
+
+def test_a_sampler_node_without_a_window_validates_as_one_with_none(compose_cfg):
+    """Inline nodes (`+eval.sampler={...}`) and run configs saved before windows existed have no sde_window."""
+    from omegaconf import open_dict
+
+    cfg = compose_cfg()
+    with open_dict(cfg):
+        del cfg.sampler["sde_window"]
+    checked = validate(cfg)
+    assert checked.sampler.get("sde_window") is None
+    assert SDEWindow.from_config(checked.sampler, checked.seed) is None
 
 
 def test_the_update_is_sized_by_the_window(compose_cfg):

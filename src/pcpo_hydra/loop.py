@@ -99,7 +99,7 @@ class Trainer:
         self.prompt_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.timings: dict[str, float] = {}
-        self.window = SDEWindow.from_config(cfg.sampler, cfg.sampler.num_steps, cfg.seed)
+        self.window = SDEWindow.from_config(cfg.get("sampler"), cfg.seed)
 
     # ------------------------------------------------------------------------------- state
 

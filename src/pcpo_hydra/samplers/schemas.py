@@ -32,11 +32,15 @@ class SamplerSchema:
     """What every sampler node has: its step count and its SDE window, checked against each other."""
 
     num_steps: int = checked(positive())
-    sde_window: SDEWindowSchema = MISSING
+    # conf/sampler/*.yaml always give it; a node written without one (inline, or saved before
+    # windows existed) has no window, as size null says
+    sde_window: Optional[SDEWindowSchema] = None
 
     def relations(self, prefix: str) -> Iterator[str]:
         """The window must fit in its range, and the range in the sampler's steps."""
         window, key = self.sde_window, f"{prefix}.sde_window"
+        if window is None:
+            return
         if window.size is None:
             if window.placement in ("random", "sliding"):
                 yield f"{key}.placement={window.placement!r}: places no window while {key}.size is null; set {key}.size"

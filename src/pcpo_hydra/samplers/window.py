@@ -36,12 +36,12 @@ class SDEWindow:
             raise ValueError(f"sampler.sde_window: {self.size} steps do not fit in [{self.first}, {self.end})")
 
     @classmethod
-    def from_config(cls, node: Any, num_steps: int, seed: int) -> SDEWindow | None:
-        """The window a sampler node's `sde_window` describes; None when it has none (size null)."""
-        window = node.get("sde_window") if hasattr(node, "get") else None
+    def from_config(cls, node: Any, seed: int) -> SDEWindow | None:
+        """The window a sampler node's `sde_window` describes; None when it has none (no node, or size null)."""
+        window = node.get("sde_window") if node is not None else None
         if window is None or window.get("size") is None:
             return None
-        first, end = window.get("range") or (0, num_steps)
+        first, end = window.get("range") or (0, node["num_steps"])
         return cls(int(window["size"]), str(window["placement"]), int(first), int(end),
                    int(window["every"]), int(window["stride"]), int(seed))
 

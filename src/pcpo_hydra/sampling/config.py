@@ -20,7 +20,6 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pcpo_hydra.config.resume import added_since, leaves
 from pcpo_hydra.checkpoint import WEIGHTS, intact_checkpoint
 from pcpo_hydra.config.checks import checked, one_of, positive
 from pcpo_hydra.config.validation import ConfigError, family_problems, check_tree
@@ -152,10 +151,7 @@ def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     result = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     saved = OmegaConf.to_container(run, resolve=True)  # the run's own seed fills its model's ${seed}
     for group in ("model", "sampler"):
-        composed, result[group] = result[group], saved[group]
-        if composed.get("_target_") == saved[group].get("_target_"):  # keys conf/ gained since, at their defaults
-            for key, value in added_since(leaves(saved[group]), leaves(OmegaConf.to_container(composed))).items():
-                OmegaConf.update(result[group], key, value, force_add=True)
+        result[group] = saved[group]
     for key in keys:
         OmegaConf.update(result, key, OmegaConf.select(cfg, key), force_add=True)
     return result
