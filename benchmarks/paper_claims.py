@@ -4,6 +4,7 @@
     python benchmarks/paper_claims.py --ablation         # GRPO, + log-hinge, + matching log-ratio, + proportional credit
     python benchmarks/paper_claims.py --settings ddim --arms pcpo,pcpo_variance   # DDIM's credit mode (default: reweight)
     python benchmarks/paper_claims.py --epochs 80 --seeds 5 rollout.prompts_per_epoch=16   # larger
+    python benchmarks/paper_claims.py --speed            # time to target: GRPO, PCPO, PCPO on an SDE window (+ CFG-free), 5 seeds
 
 The world is benchmarks/pretrain_world.py's: tiny SD and SD3 base models pretrained on captioned
 coloured shapes (this script pretrains them first if their folders are missing), fine-tuned for
@@ -27,6 +28,11 @@ Reported (markdown + PNG plots in --out, also logged as artifacts of a summary r
   prompts were drawn than with the policy; the fixed set moves only with the policy.)
 - clip fraction per epoch, within-group diversity, drift and caption agreement, means over
   seeds, and those costs at equal reward: where each run first reaches the 50% target.
+- with --speed, time to each target: training seconds (the loop's own rollout, reward and update
+  time, evaluations left out) and epochs, as Kaplan-Meier medians over the seeds, so a seed that
+  never reaches a target counts as censored at its last epoch instead of being dropped; the
+  fraction of seeds reaching it; and each arm's wall-clock speed-up over the first arm (full-SDE
+  GRPO) of the same invocation, with a bootstrap interval over seeds.
 - with --fidelity, also pcpo-eval's fidelity and diversity at that matched-reward point: FID and
   FD-DINOv2 of the run's evaluation images against its base model's (epoch 0: the same prompts
   and seeds), and the LPIPS diversity within each prompt's images (evaluation.fidelity). The metric
@@ -56,6 +62,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pcpo_hydra import build
+from pcpo_hydra.algorithms.steps import network_images_per_epoch
 from pcpo_hydra.config import validate
 from pcpo_hydra.config.hydra_setup import config_dir
 from pcpo_hydra.evaluation.callback import Evaluation
@@ -90,8 +97,15 @@ ARMS = {
     # or by reweighting
     "pcpo_variance": ["algorithm=pcpo", "algorithm.credit_mode=variance"],
     "pcpo_reweight": ["algorithm=pcpo", "algorithm.credit_mode=reweight"],
+    # cheaper epochs (Flow-GRPO-Fast): noise and training on a random window of 3 of the 10 steps
+    # each epoch, the ODE elsewhere; and that without classifier-free guidance in rollout and update
+    "pcpo_window": ["algorithm=pcpo", "sampler.sde_window.size=3", "sampler.sde_window.placement=random"],
+    "pcpo_window_nocfg": ["algorithm=pcpo", "sampler.sde_window.size=3", "sampler.sde_window.placement=random",
+                          "train.cfg=false"],
 }
 ABLATION = ("grpo", "+log_hinge", "+matching", "+proportional")
+SPEED = ("grpo", "pcpo", "pcpo_window", "pcpo_window_nocfg")
+BOOTSTRAP = 2000     # resamples of the seeds for the speed-up's interval
 TARGET_FRACTIONS = (0.5, 0.75, 0.9)
 SMOOTHING = 2        # evaluation points in the moving average that must reach a target
 FINAL_EVALS = 3      # evaluation points averaged for a run's final reward
@@ -117,6 +131,10 @@ class RunRecord:
     eval_reward: list[float] = field(default_factory=list)
     caption_agreement: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    train_seconds: list[float] = field(default_factory=list)  # the loop's own seconds, cumulative, per epoch
+    rollout_seconds: list[float] = field(default_factory=list)  # per epoch
+    update_seconds: list[float] = field(default_factory=list)   # per epoch
+    network_rows: dict[str, int] = field(default_factory=dict)  # images through the network per epoch, by phase
     images: str = ""  # the file of its evaluation images (images_file), for --fidelity
     eval_group: int = 0  # evaluation images per prompt (consecutive in the images)
 
@@ -159,6 +177,9 @@ class RecordedEvaluation(Evaluation):
         self.record.reward.append(metrics["rollout/reward_mean"])
         self.record.clipfrac.append(metrics["train/clipfrac"])
         self.record.diversity.append(metrics["rollout/group_diversity"])
+        self.record.train_seconds.append((self.record.train_seconds or [0.0])[-1] + metrics["time/epoch_s"])
+        self.record.rollout_seconds.append(metrics["time/rollout_s"])
+        self.record.update_seconds.append(metrics["time/update_s"])
         self.record.seconds = time.perf_counter() - self.started
 
 
@@ -243,6 +264,7 @@ def train(setting: str, arm: str, arm_overrides: list[str], seed: int, args: arg
     build.run(cfg, run_dir, choices, arm_overrides + args.overrides, tags, callbacks=[evaluation])
     record = evaluation.record
     record.images, record.eval_group = str(images_file(record_file)), cfg.eval.group_size
+    record.network_rows = network_images_per_epoch(cfg)
     record_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(evaluation.images, images_file(record_file))
     record_file.write_text(json.dumps(asdict(record)))
@@ -387,6 +409,91 @@ def fidelity_at(run: RunRecord, epoch: int, fidelity: Any) -> tuple[float, float
     return frechet_distance(before["fid"], after["fid"]), frechet_distance(before["fd_dinov2"], after["fd_dinov2"]), lpips
 
 
+def time_to(record: RunRecord, target: float) -> tuple[int, float, bool]:
+    """(epochs, training seconds, reached): when the run reached `target`, else its last epoch (censored there)."""
+    epoch = epochs_to_reach(record, target)
+    reached = epoch is not None
+    epoch = epoch if reached else len(record.reward)
+    return epoch, record.train_seconds[epoch - 1], reached
+
+
+def median_time(times: list[float], reached: list[bool]) -> tuple[float | None, float]:
+    """(Kaplan-Meier median, the longest time observed): the median is None while fewer than half have reached it.
+
+    The product-limit estimate counts a run that never reached the target as one that had not by its
+    last epoch, where averaging the runs that did would drop it (statsmodels' SurvfuncRight).
+    """
+    import numpy as np
+    from statsmodels.duration.survfunc import SurvfuncRight
+
+    fit = SurvfuncRight(np.asarray(times, dtype=float), np.asarray(reached, dtype=float))
+    median = fit.quantile(0.5)
+    return (None if np.isnan(median) else float(median)), max(times)
+
+
+def _median_cell(times: list[float], reached: list[bool], digits: int) -> str:
+    median, longest = median_time(times, reached)
+    value = f"{median:.{digits}f}" if median is not None else f"> {longest:.{digits}f}"
+    return f"{value} ({sum(reached)}/{len(reached)})"
+
+
+def speedup(base: list[tuple[int, float, bool]], arm: list[tuple[int, float, bool]]) -> str:
+    """The base arm's median training seconds to target over the arm's, with a bootstrap interval over seeds.
+
+    Seeds are resampled in pairs (same seed: same base model, prompts and noise streams). A median
+    still censored gives a bound: "> r" when only the base's is, "< r" when only the arm's is.
+    """
+    import numpy as np
+
+    def ratio(rows: list[int]) -> tuple[float | None, str]:
+        b = median_time([base[k][1] for k in rows], [base[k][2] for k in rows])
+        a = median_time([arm[k][1] for k in rows], [arm[k][2] for k in rows])
+        if b[0] is not None and a[0] is not None:
+            return b[0] / a[0], ""
+        if a[0] is not None:
+            return b[1] / a[0], ">"
+        if b[0] is not None:
+            return b[0] / a[1], "<"
+        return None, ""
+
+    point, bound = ratio(list(range(len(base))))
+    if point is None:
+        return "neither reaches it in half the seeds"
+    rng = np.random.default_rng(0)
+    draws = [ratio(list(rng.integers(0, len(base), len(base)))) for _ in range(BOOTSTRAP)]
+    values = [r for r, _ in draws if r is not None]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return f"{bound}{point:.2f}x [{low:.2f}, {high:.2f}]"
+
+
+def speed_report(setting: str, records: list[RunRecord], arms: list[str], fidelity: Any = None) -> list[str]:
+    """Time to each target per arm (Kaplan-Meier medians), cost per epoch, and the speed-up over the first arm."""
+    levels = targets(records)
+    if not levels:
+        return [f"### {setting}: time to target", "", "No arm ends above the base model: no targets.", ""]
+    by_arm = {arm: sorted((r for r in records if r.arm == arm), key=lambda r: r.seed) for arm in arms}
+    reached = {arm: [[time_to(r, t) for r in runs] for t in levels] for arm, runs in by_arm.items()}
+    names = [f"{int(q * 100)}%" for q in TARGET_FRACTIONS[: len(levels)]]
+    columns = ["arm", "s/epoch: rollout + update", "network images/epoch: rollout + update",
+               *(f"epochs to {n}" for n in names), *(f"seconds to {n}" for n in names),
+               f"speed-up to 50% over {arms[0]} (seconds)"]
+    lines = [f"### {setting}: time to target ({len(by_arm[arms[0]])} seeds; targets "
+             + ", ".join(f"{n} = {t:.3f}" for n, t in zip(names, levels)) + ")", "",
+             "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for arm, runs in by_arm.items():
+        rollout = statistics.fmean(x for r in runs for x in r.rollout_seconds)
+        update = statistics.fmean(x for r in runs for x in r.update_seconds)
+        rows = runs[0].network_rows
+        cells = [f"{rollout:.2f} + {update:.2f}", f"{rows.get('rollout', 0)} + {rows.get('update', 0)}"]
+        cells += [_median_cell([float(e) for e, _, _ in hits], [ok for _, _, ok in hits], 0) for hits in reached[arm]]
+        cells += [_median_cell([s for _, s, _ in hits], [ok for _, _, ok in hits], 0) for hits in reached[arm]]
+        cells.append("1 (baseline)" if arm == arms[0] else speedup(reached[arms[0]][0], reached[arm][0]))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"- at equal reward, where each run first reaches the 50% target ({levels[0]:.3f}): "
+              + "; ".join(at_target(arm, runs, levels[0], fidelity) for arm, runs in by_arm.items()), ""]
+    return lines
+
+
 def plot(setting: str, records: list[RunRecord], arms: list[str], path: Path) -> None:
     import matplotlib
 
@@ -439,11 +546,13 @@ def fidelity_metrics(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 5 with --speed)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs per run")
     parser.add_argument("--settings", default="ddim,dancegrpo", help=f"comma-separated, of {sorted(SETTINGS)}")
     parser.add_argument("--arms", default="grpo,pcpo", help=f"comma-separated, of {sorted(ARMS)}; the first is the baseline")
     parser.add_argument("--ablation", action="store_true", help="arms " + ",".join(ABLATION) + ": PCPO's parts one at a time")
+    parser.add_argument("--speed", action="store_true",
+                        help="arms " + ",".join(SPEED) + ", time to target (with --seeds 5 unless given)")
     parser.add_argument("--eval-every", type=int, default=2, help="epochs between evaluation samples")
     parser.add_argument("--eval-prompts", type=int, default=8, help="prompts in the evaluation set (x group_size images)")
     parser.add_argument("--out", default="outputs/benchmarks/paper_claims", help="report, plots and run dirs")
@@ -454,7 +563,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, as for pcpo-train")
     args = parser.parse_args(argv)
     settings = args.settings.split(",")
-    names = ABLATION if args.ablation else args.arms.split(",")
+    names = ABLATION if args.ablation else SPEED if args.speed else args.arms.split(",")
+    args.seeds = args.seeds or (5 if args.speed else 3)
     unknown = [n for n in names if n not in ARMS] + [s for s in settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown {unknown}; arms: {sorted(ARMS)}, settings: {sorted(SETTINGS)}")
@@ -473,6 +583,8 @@ def main(argv: list[str]) -> None:
     for setting in settings:
         mine = [r for r in records if r.setting == setting]
         lines += setting_report(setting, mine, list(arms), fidelity)
+        if args.speed:
+            lines += speed_report(setting, mine, list(arms), fidelity)
         plot(setting, mine, list(arms), out / f"{setting}.png")
     report = "\n".join(lines)
     (out / "report.md").write_text(report + "\n")

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from pcpo_hydra.build import build
 from pcpo_hydra.config import validate
@@ -38,6 +37,7 @@ from pcpo_hydra.image_grid import make_grid
 from pcpo_hydra.models.base import PolicyModel
 from pcpo_hydra.rollout import sample_trajectories
 from pcpo_hydra.samplers import BaseSampler
+from pcpo_hydra.samplers.base import instantiate_sampler
 from diffusers import AutoencoderKL  # after pcpo_hydra, which lets a CPU torch's PyPI torchvision import (torchvision_compat)
 
 # The shapes world is a plugin: an installed copy (pip install ./benchmarks/shapes_world) comes first,
@@ -139,7 +139,7 @@ def built_as_pcpo_train(family: Family, folder: Path, sampler: str) -> tuple[Pol
             "prompts=world", "text_cache_dir=null",
         ]))
     model = build(cfg.model)
-    return model, instantiate(cfg.sampler, model=model)
+    return model, instantiate_sampler(cfg.sampler, model)
 
 
 def reward_means(images: torch.Tensor, captions: list[str]) -> dict[str, float]:

@@ -50,6 +50,45 @@ def test_targets_lie_between_the_base_reward_and_the_best_arms_final_evaluations
     assert "above the base model's (0.500): no targets" in report and "| pcpo | 0.400 ± 0.000 |" in report
 
 
+def timed(claims, arm: str, seed: int, evals: list[float], seconds_per_epoch: float):
+    run = record(claims, arm, evals)
+    run.seed = seed
+    run.train_seconds = [seconds_per_epoch * (k + 1) for k in range(len(run.reward))]
+    run.rollout_seconds, run.update_seconds = [0.6 * seconds_per_epoch] * len(run.reward), [0.4 * seconds_per_epoch] * len(run.reward)
+    run.network_rows = {"rollout": 640, "update": 640 if arm == "grpo" else 192}
+    return run
+
+
+def test_time_to_target_counts_the_seeds_that_never_reach_it(claims) -> None:
+    # evaluations at epochs 0, 2, ..., 10; the 50% target 0.5 is reached where the 2-point average gets there
+    never = timed(claims, "grpo", 0, [0.0, 0.1, 0.1, 0.2, 0.2, 0.2], 3.0)
+    assert claims.time_to(never, 0.5) == (10, 30.0, False)  # censored at its last epoch, not dropped
+    late = timed(claims, "grpo", 1, [0.0, 0.2, 0.4, 0.6, 0.6, 0.6], 3.0)
+    assert claims.time_to(late, 0.5) == (6, 18.0, True)
+    # Kaplan-Meier: 3 of 5 reached (at 6, 8, 10 s); the median is the time at which S drops to <= 0.5
+    assert claims.median_time([6.0, 8.0, 10.0, 20.0, 20.0], [True, True, True, False, False]) == (10.0, 20.0)
+    # 2 of 5 reached: the median lies beyond the longest time observed; averaging the two that did would say 7
+    assert claims.median_time([6.0, 8.0, 20.0, 20.0, 20.0], [True, True, False, False, False]) == (None, 20.0)
+
+
+def test_the_speed_up_is_the_ratio_of_median_seconds_with_an_interval_and_bounds(claims) -> None:
+    fast = [(4, 4.0, True)] * 5
+    slow = [(6, 18.0, True)] * 5
+    assert claims.speedup(slow, fast) == "4.50x [4.50, 4.50]"
+    censored = [(10, 30.0, False)] * 3 + [(6, 18.0, True)] * 2  # GRPO's median is beyond 30 s: a lower bound
+    assert claims.speedup(censored, fast).startswith(">7.50x")
+    assert claims.speedup(censored, censored) == "neither reaches it in half the seeds"
+    grpo = [timed(claims, "grpo", k, [0.0, 0.1, 0.2, 0.4, 0.6, 0.6], 3.0) for k in range(5)]
+    window = [timed(claims, "pcpo_window", k, [0.0, 0.4, 0.6, 0.7, 0.7, 0.7], 1.0) for k in range(5)]
+    report = "\n".join(claims.speed_report("ddim", grpo + window, ["grpo", "pcpo_window"]))
+    # targets from base 0.0 to the window arm's final 0.7: 0.35, 0.525, 0.63; grpo's 2-point average reaches 0.35 at
+    # epoch 8 (24 s), the window arm's first evaluation (0.4) at epoch 2 (2 s): 12x in wall-clock, 4x in epochs
+    assert "| grpo | 1.80 + 1.20 | 640 + 640 | 8 (5/5) | 10 (5/5) | > 10 (0/5) | 24 (5/5) |" in report
+    assert "| pcpo_window | 0.60 + 0.40 | 640 + 192 | 2 (5/5) | 6 (5/5) | 6 (5/5) | 2 (5/5) |" in report
+    assert "| 2 (5/5) | 6 (5/5) | 6 (5/5) | 12.00x [12.00, 12.00] |" in report
+    assert "> 30 (0/5)" in report  # grpo never reaches the 90% target: censored, shown as a bound
+
+
 def test_later_overrides_replace_earlier_ones_of_the_same_key(claims) -> None:
     merged = claims.combine(["model=world_sd", "reward=world_all"], ["algorithm=grpo"], ["model=tiny_sd"])
     assert merged == ["model=tiny_sd", "reward=world_all", "algorithm=grpo"]

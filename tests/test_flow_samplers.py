@@ -12,7 +12,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from hydra.utils import instantiate
 
 from pcpo_hydra.algorithms import (
     PolicyGradient,
@@ -24,6 +23,7 @@ from pcpo_hydra.algorithms import (
 from pcpo_hydra.config import ConfigError, validate
 from pcpo_hydra.config.registry import group_schemas
 from pcpo_hydra.models.schemas import StableDiffusionSchema
+from pcpo_hydra.samplers.base import instantiate_sampler
 from pcpo_hydra.samplers import (
     DanceGRPOSampler,
     FlowGRPOSampler,
@@ -314,8 +314,9 @@ def test_builders_reject_a_diffusion_model_and_a_wrong_schedule():
 )
 def test_flow_sampler_configs_validate_with_a_flow_model(flow_model_cfg, option, defaults, sampler_type):
     cfg = validate(flow_model_cfg(f"sampler={option}"))
-    assert {k: v for k, v in cfg.sampler.items() if k != "_target_"} == defaults
-    sampler = instantiate(cfg.sampler, model=FakeFlowModel())
+    assert {k: v for k, v in cfg.sampler.items() if k not in ("_target_", "sde_window")} == defaults
+    assert cfg.sampler.sde_window.size is None  # no window unless asked
+    sampler = instantiate_sampler(cfg.sampler, FakeFlowModel())
     assert isinstance(sampler, sampler_type) and sampler.num_steps == defaults["num_steps"]
 
 

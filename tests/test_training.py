@@ -93,10 +93,14 @@ def test_one_epoch_logs_metrics_tags_and_artifacts(tmp_path: Path, algorithm: st
     assert (run_dir / "checkpoints" / "epoch_00001" / "trainer.pt").is_file()
 
 
-def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_path: Path) -> None:
+SLIDING = ["sampler.sde_window.size=1", "sampler.sde_window.placement=sliding"]  # over 3 steps: 0, 1, 2, 0, 1
+
+
+@pytest.mark.parametrize("window", [[], SLIDING], ids=["full", "sliding_window"])
+def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_path: Path, window) -> None:
     """A run stopped after 3 epochs (checkpoint at 2) and resumed to 5 equals one straight 5-epoch run."""
     client_of = lambda store: MlflowClient(f"sqlite:///{store}")  # noqa: E731
-    common = ["checkpoint_every=2", "keep_checkpoints=5", "log_images_every=0"]
+    common = ["checkpoint_every=2", "keep_checkpoints=5", "log_images_every=0", *window]
 
     straight_store = tmp_path / "straight.db"
     pcpo_train(straight_store, *common, "epochs=5", f"hydra.run.dir={tmp_path / 'straight'}")
@@ -120,6 +124,9 @@ def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_p
     assert (run_dir / ".hydra" / "config.yaml").read_text() == first_config
     assert len(list((run_dir / ".hydra").glob("resumed_*"))) == 1
     assert (run_dir / "checkpoints" / "epoch_00004").is_dir()
+    if window:  # the resumed epochs slid on from where the window was, as the straight run's did
+        starts = client.get_metric_history(run.info.run_id, "rollout/sde_window_start")
+        assert [m.value for m in sorted(starts, key=lambda m: m.step)] == [0, 1, 2, 0, 1]
 
 
 def test_resume_of_a_directory_without_checkpoints_fails_before_building(tmp_path: Path) -> None:

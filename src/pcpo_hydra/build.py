@@ -17,7 +17,7 @@ from pcpo_hydra.checkpoint import (
 )
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.algorithms.base import Algorithm
-from pcpo_hydra.algorithms.steps import trained_steps
+from pcpo_hydra.algorithms.steps import stored_steps, trained_steps
 from pcpo_hydra.evaluation.callback import evaluation_callbacks
 from pcpo_hydra.distributed import build_accelerator, in_submitit_job, seed_everything, weight_dtype
 from pcpo_hydra.ema import WeightAverage
@@ -27,6 +27,7 @@ from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.prompts import split_holdout
 from pcpo_hydra.tracker import NullTracker
 from pcpo_hydra.tracking import flatten_config, git_commit
+from pcpo_hydra.samplers.base import instantiate_sampler
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def accumulation_steps(cfg: DictConfig) -> int:
     """Backward passes per optimizer step: micro-batches per update x forwards per micro-batch."""
     samples = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
     micro_batches = samples // cfg.train.batch_size // cfg.train.num_updates
-    trained = trained_steps(cfg.sampler.num_steps, cfg.train.timestep_fraction)
+    trained = trained_steps(stored_steps(cfg.sampler), cfg.train.timestep_fraction)
     return micro_batches * math.ceil(trained / cfg.train.steps_per_forward)
 
 
@@ -72,7 +73,7 @@ def build_components(cfg: DictConfig, accelerator) -> Components:
     if cfg.eval.every and cfg.eval.holdout:  # training never draws the held-out prompts; else it draws them all
         prompts, _ = split_holdout(prompts, cfg.eval.holdout)
     algorithm = instantiate_algorithm(cfg.algorithm, cfg.rollout.group_size)
-    sampler = algorithm.prepare(model, instantiate(cfg.sampler, model=model))
+    sampler = algorithm.prepare(model, instantiate_sampler(cfg.sampler, model))
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors instead of one per tensor
         model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True,

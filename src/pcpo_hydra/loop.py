@@ -25,6 +25,7 @@ from pcpo_hydra.ema import AveragingOptimizer, WeightAverage
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rank_layout import RankLayout
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
+from pcpo_hydra.samplers.window import SDEWindow
 from pcpo_hydra.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class Components:
     """The parts a run is made of; the loop meets them only through their small interfaces."""
 
     model: Any
-    sampler: Any        # the sampler algorithm.prepare returned (PCPO's variance mode changes its stds)
+    sampler: Any        # the sampler algorithm.prepare returned (PCPO's variance mode changes its stds);
+                        # an epoch rolls out and updates with its SDE window's copy (Trainer.epoch_sampler)
     reward: Any
     algorithm: Algorithm
     prompts: Any
@@ -99,6 +101,7 @@ class Trainer:
         self.prompt_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.timings: dict[str, float] = {}
+        self.window = SDEWindow.from_config(cfg.get("sampler"), cfg.seed)
 
     # ------------------------------------------------------------------------------- state
 
@@ -143,11 +146,21 @@ class Trainer:
             torch.cuda.synchronize()
         self.timings[phase] = time.perf_counter() - start
 
-    def rollout(self, epoch: int, prompts: list[str]) -> Trajectories:
+    def epoch_sampler(self, epoch: int) -> Any:
+        """The sampler `epoch` rolls out and updates with: the prepared one, or its SDE window's copy.
+
+        The window is a function of the seed and the epoch (samplers/window.py), so a resumed run
+        gets the windows an uninterrupted one would.
+        """
+        if self.window is None:
+            return self.parts.sampler
+        return self.parts.sampler.windowed(self.window.start(epoch), self.window.size)
+
+    def rollout(self, epoch: int, prompts: list[str], sampler: Any) -> Trajectories:
         with self.timed("rollout"), self.parts.model.guided(self.cfg.train.cfg):
             self.parts.model.network.eval()
             return sample_trajectories(
-                self.parts.model, self.parts.sampler, prompts[self.layout.rows],
+                self.parts.model, sampler, prompts[self.layout.rows],
                 self.cfg.rollout.batch_size, self.layout.noise_generators(epoch),
             )
 
@@ -172,14 +185,14 @@ class Trainer:
                 traj.kept = ~flat.repeat_interleave(self.cfg.rollout.group_size)[self.layout.rows]
             return everyone
 
-    def update(self, traj: Trajectories) -> dict[str, float]:
+    def update(self, traj: Trajectories, sampler: Any) -> dict[str, float]:
         with self.timed("update"), self.parts.model.guided(self.cfg.train.cfg):
             self.parts.model.network.train()
             optimizer, average = self.parts.optimizer, self.parts.average
             if average is not None:
                 optimizer = AveragingOptimizer(optimizer, average, self.accelerator)
             return self.parts.algorithm.update(
-                traj, self.parts.model, self.parts.sampler,
+                traj, self.parts.model, sampler,
                 optimizer, self.accelerator, self.cfg.train, self.shuffle_generator,
             )
 
@@ -189,9 +202,10 @@ class Trainer:
         """One rollout -> reward -> advantage -> update pass, timed by phase and in total."""
         start = time.perf_counter()
         prompts = self.layout.draw_prompts(self.parts.prompts, self.prompt_generator)
-        traj = self.rollout(epoch, prompts)
+        sampler = self.epoch_sampler(epoch)
+        traj = self.rollout(epoch, prompts, sampler)
         rewards = self.score(traj, prompts)
-        train_stats = self.update(traj)
+        train_stats = self.update(traj, sampler)
         self.timings["epoch"] = time.perf_counter() - start
         return traj, rewards, train_stats
 
@@ -247,6 +261,8 @@ class Trainer:
                 {**train_stats, "rollout/group_diversity": group_diversity(traj.images, self.cfg.rollout.group_size)}
             ),
         }
+        if self.window is not None:
+            metrics["rollout/sde_window_start"] = float(traj.first_step)
         for name, values in traj.extras["reward_parts"].items():
             metrics.update(reward_stats(f"reward/{name}", self.gather(values.to(adv.device).float())))
         for name, count in self.parts.model.text_cache.take_counts().items():

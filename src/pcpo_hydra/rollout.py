@@ -10,15 +10,21 @@ from torch import Tensor
 
 @dataclass
 class Trajectories:
-    """One epoch's samples; per-step tensors are laid out [N, T, ...] (latents [N, T+1, ...])."""
+    """One epoch's samples; per-step tensors are laid out [N, K, ...] (latents [N, K+1, ...]).
+
+    K steps are stored: the sampler's noisy ones (`sampler.noisy_steps()`), all T of them or an
+    SDE window's. Stored step k is sampler step `first_step + k`; latents[:, k] is the state it
+    starts from, latents[:, k + 1] the state it reached.
+    """
 
     prompts: list[str]
     cond: dict[str, Tensor]   # text conditioning, batch-first, one row per sample
-    latents: Tensor           # x_0 .. x_T of every trajectory
-    outputs: Tensor           # f_old: network output after guidance at each step
-    noise: Tensor             # z drawn at each step (the matching log-ratio needs it exactly)
-    log_probs: Tensor         # direct log-prob of each step under the sampling policy
+    latents: Tensor           # x_first .. x_{first+K} of every trajectory
+    outputs: Tensor           # f_old: network output after guidance at each stored step
+    noise: Tensor             # z drawn at each stored step (the matching log-ratio needs it exactly)
+    log_probs: Tensor         # direct log-prob of each stored step under the sampling policy
     images: Tensor            # decoded final latents, [N, 3, H, W] in [0, 1]
+    first_step: int = 0       # the sampler step of stored step 0
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     kept: Tensor | None = None  # bool [N]: the samples the update trains on (None: all; rollout.drop_flat_groups)
@@ -44,17 +50,22 @@ def _encode(model, prompts: list[str]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def _sample_chunk(model, sampler, cond: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, ...]:
+    """Every step runs; only the noisy ones are kept. Noise is drawn at every step, used or not,
+    so a step's noise is the same whatever the window (one stream position per step)."""
     batch = next(iter(cond.values())).shape[0]
     x = _randn((batch, *model.latent_shape), generator).to(model.device)
-    latents, outputs, noises, log_probs = [x], [], [], []
+    kept = sampler.noisy_steps()
+    latents, outputs, noises, log_probs = [x] if kept.start == 0 else [], [], [], []
     for i in range(sampler.num_steps):
         f = model.predict(x, sampler.timestep(i), cond).float()
         z = _randn(tuple(x.shape), generator).to(x.device)
         x_next, _, _ = sampler.step(i, x, f, z)
-        log_probs.append(sampler.log_prob(i, x, f, x_next))
-        latents.append(x_next)
-        outputs.append(f)
-        noises.append(z)
+        if i in kept:
+            log_probs.append(sampler.log_prob(i, x, f, x_next))
+            outputs.append(f)
+            noises.append(z)
+        if i in kept or i + 1 == kept.start:
+            latents.append(x_next)
         x = x_next
     images = model.decode(x)
     return (torch.stack(latents, 1), torch.stack(outputs, 1), torch.stack(noises, 1),
@@ -74,4 +85,5 @@ def sample_trajectories(
         for s, generator in zip(starts, generators)
     ]
     latents, outputs, noise, log_probs, images = (torch.cat(parts) for parts in zip(*chunks))
-    return Trajectories(prompts, cond, latents, outputs, noise, log_probs, images)
+    return Trajectories(prompts, cond, latents, outputs, noise, log_probs, images,
+                        first_step=sampler.noisy_steps().start)

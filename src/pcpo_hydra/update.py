@@ -145,14 +145,14 @@ def update_policy(
         for batch in micro_batches(kept.nonzero().flatten(), (~kept).nonzero().flatten(), counts,
                                    accelerator.process_index, train.batch_size, per_update, steps, trained, generator):
             for r, k, weight in _forwards(batch.rows, batch.steps, train.steps_per_forward):
-                x = traj.latents[r, k]
+                x, i = traj.latents[r, k], k + traj.first_step  # stored step k is sampler step i
                 cond = {key: value[r] for key, value in traj.cond.items()}
-                t = sampler.timestep(k)
+                t = sampler.timestep(i)
                 f_ref = model.predict_reference(x, t, cond).float() if policy.kl_beta else None
                 with accelerator.accumulate(model.network):
                     f_new = model.predict(x, t, cond).float()
                     loss, stats = policy.step_loss(
-                        k, sampler, x, traj.latents[r, k + 1], traj.noise[r, k],
+                        i, sampler, x, traj.latents[r, k + 1], traj.noise[r, k],
                         traj.outputs[r, k], f_new, traj.log_probs[r, k], traj.advantages[r], f_ref,
                     )
                     bad = _any_rank(not torch.isfinite(loss).item(), accelerator)

@@ -63,6 +63,9 @@ class Algorithm(Protocol):
     ) -> dict[str, float]:
         """Train on this rank's trajectories (advantages set); return the epoch's `train/<name>` statistics.
 
+        Stored step k of `traj` is the sampler's step `traj.first_step + k`: with an SDE window
+        (sampler.sde_window) the rollout stores only the window's steps, and `sampler` is the
+        window's copy of what `prepare` returned.
         `traj.kept` (None: all) marks the samples to train on: with `rollout.drop_flat_groups` the
         groups of equal rewards are left out, so ranks may keep different numbers, none included
         (`update.micro_batches` pads them to the same calls). The loop runs this, and the rollout,

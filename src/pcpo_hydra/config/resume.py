@@ -6,6 +6,8 @@ trained with (config.yaml) and the overrides it was launched with (overrides.yam
 given now are applied as a change: a key takes its new value when composing the original
 overrides followed by the new ones gives it another value than the original overrides alone;
 every other key keeps its saved value, so a conf/ edited since the run changes nothing either.
+A key conf/ gained after the run was saved is added at its default, which by this project's rule
+is the behaviour from before the key existed (`added_since`).
 
 A change to what was trained is refused, naming the override. Only MAY_CHANGE may change: how
 long the run goes on, how often it checkpoints and logs, where it logs, and how (not what) it
@@ -22,12 +24,15 @@ line, so the resume is refused with the `cd` that fixes it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pcpo_hydra.config.validation import ConfigError, resume_problems
+
+log = logging.getLogger(__name__)
 
 MAY_CHANGE = (
     "resume", "epochs", "checkpoint_every", "keep_checkpoints", "log_images_every", "text_cache_dir", "logger",
@@ -56,10 +61,20 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
 
 
-def changes(original: list[str], overrides: list[str]) -> dict[str, Any]:
-    """{key: new value} for every key that `overrides`, given after `original`, changes (None: removed)."""
-    before, after = leaves(_compose(original)), leaves(_compose(original + overrides))
+def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """{key: new value} for every key whose value differs from `before` to `after` (None: removed)."""
     return {key: after.get(key) for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+
+def added_since(trained: dict[str, Any], composed: dict[str, Any]) -> dict[str, Any]:
+    """{key: value} of the keys conf/ has gained since the run was saved, as conf/ sets them now.
+
+    A key added to conf/ defaults to the behaviour from before it existed (train.cfg: true,
+    rollout.drop_flat_groups: false), so a run saved without it resumes as it trained. Taken
+    whole: a key whose parent the run saved as a value (not a node) is left alone.
+    """
+    return {key: value for key, value in composed.items()
+            if key not in trained and not any(key.startswith(f"{old}.") for old in trained)}
 
 
 def _owner(key: str, overrides: list[str]) -> str:
@@ -120,12 +135,18 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     saved = saved_run(cfg.resume, hydra_cfg)
     overrides = list(hydra_cfg.overrides.task)
     trained = OmegaConf.to_container(OmegaConf.load(saved / "config.yaml"), resolve=True)
-    changed = changes(list(OmegaConf.load(saved / "overrides.yaml")), overrides)
+    original = list(OmegaConf.load(saved / "overrides.yaml"))
+    before, after = leaves(_compose(original)), leaves(_compose(original + overrides))
+    changed = changes(before, after)
     problems = refusals(changed, leaves(trained), overrides)
     if problems:
         raise ConfigError(problems)
+    added = added_since(leaves(trained), before)
+    if added:
+        log.info("resume: keys added to conf/ since the run was saved, at their defaults: %s",
+                 ", ".join(f"{key}={value!r}" for key, value in sorted(added.items())))
     result = OmegaConf.create(trained)
-    for key, value in changed.items():
+    for key, value in {**added, **changed}.items():
         OmegaConf.update(result, key, value, force_add=True)
     if hydra_cfg.output_subdir is not None:
         OmegaConf.save(result, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / "config.yaml")

@@ -19,7 +19,7 @@ from pcpo_hydra.checkpoint import intact_checkpoint
 from pcpo_hydra.config.checks import violations
 from pcpo_hydra.config.registry import group_schemas, nested_nodes, schema_for
 from pcpo_hydra.config.run_schema import RunSchema
-from pcpo_hydra.algorithms.steps import trained_steps
+from pcpo_hydra.algorithms.steps import stored_steps, trained_steps
 
 
 class ConfigError(ValueError):
@@ -173,11 +173,17 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"rollout.drop_flat_groups=true: needs algorithm.advantage='group' (got {advantage!r}), the only "
             "advantages that are zero for a group of equal rewards; set rollout.drop_flat_groups=false"
         )
-    trained = trained_steps(cfg.sampler.num_steps, train.timestep_fraction)
-    if trained < 1:
+    stored = stored_steps(cfg.sampler)
+    if trained_steps(stored, train.timestep_fraction) < 1:
+        where = "sampler.sde_window.size" if stored != cfg.sampler.num_steps else "sampler.num_steps"
         problems.append(
-            f"train.timestep_fraction={train.timestep_fraction}: trains no step of "
-            f"sampler.num_steps={cfg.sampler.num_steps}; raise one of them"
+            f"train.timestep_fraction={train.timestep_fraction}: trains no step of {where}={stored}; raise one of them"
+        )
+    window = cfg.sampler.get("sde_window")
+    if window is not None and window.size is not None and cfg.algorithm.get("credit_mode") == "variance":
+        problems.append(
+            f"algorithm.credit_mode='variance': moves the stds of every step, while sampler.sde_window.size="
+            f"{window.size} keeps the steps outside the window deterministic; use algorithm.credit_mode=reweight"
         )
     deepspeed = cfg.hardware.deepspeed
     if train.ema.decay is not None and deepspeed is not None and deepspeed.stage == 3:

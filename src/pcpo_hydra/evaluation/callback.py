@@ -17,6 +17,7 @@ from pcpo_hydra.loop import GRID_IMAGES, Trainer, reward_stats
 from pcpo_hydra.prompts import split_holdout
 from pcpo_hydra.sampling.guidance import sample_images
 from pcpo_hydra.writes import written
+from pcpo_hydra.samplers.base import instantiate_sampler
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Evaluation(Callback):
         self.seeds = [self.cfg.seed + j for _ in evaluated.prompts for j in range(self.cfg.group_size)]
         model = trainer.parts.model
         sampler = (trainer.parts.sampler if self.cfg.sampler is None
-                   else instantiate(self.cfg.sampler, model=model))
+                   else instantiate_sampler(self.cfg.sampler, model))
         self.sampler = sampler.deterministic() if self.cfg.deterministic else sampler
         self.rewards = {"reward": trainer.parts.reward,  # the training reward's own object, not a second copy
                         **{name: instantiate(node, _convert_="all") for name, node in self.cfg.rewards.items()}}

@@ -6,6 +6,9 @@ live here, so DDIM and the flow SDE samplers cannot drift apart in how they use 
 
 Step indices `i` are either a Python int (one step for the whole batch, as in rollouts) or a
 LongTensor[B] (one step per sample, as in the update's shuffled timesteps).
+
+A sampler may carry an SDE window (`windowed`): then only the window's steps draw noise, and
+every other step is its deterministic limit, std 0 (DDIM at eta 0, the flow ODE's Euler step).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 Index = int | Tensor
@@ -46,6 +51,7 @@ class BaseSampler(ABC):
             raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
         self.num_steps = num_steps
         self._std_override: Tensor | None = None
+        self.window: tuple[int, int] | None = None  # (first step, size) of the SDE window; None: all steps
         self._reset_cache()
 
     # ---- what a sampler family provides -------------------------------------------------------
@@ -97,6 +103,26 @@ class BaseSampler(ABC):
         other._reset_cache()
         return other
 
+    def windowed(self, first: int, size: int) -> BaseSampler:
+        """A copy that draws noise only on steps [first, first + size), deterministic (std 0) elsewhere.
+
+        The window's steps keep this sampler's own stds, so they are the same Gaussians as in a
+        full-SDE rollout; only they have a log-density and a credit weight.
+        """
+        if not (size >= 1 and 0 <= first and first + size <= self.num_steps):
+            raise ValueError(f"an SDE window of {size} steps from step {first} does not fit in {self.num_steps} steps")
+        other = copy.copy(self)
+        other.window = (first, size)
+        other._reset_cache()
+        return other
+
+    def noisy_steps(self) -> range:
+        """The steps that draw noise, and so are stored and trained: the SDE window's, else all."""
+        if self.window is None:
+            return range(self.num_steps)
+        first, size = self.window
+        return range(first, first + size)
+
     def stds(self) -> Tensor:
         """Tensor[T] float64: the std each step samples with (override, else native)."""
         return self._table()[2].clone()
@@ -111,9 +137,10 @@ class BaseSampler(ABC):
         return b.abs() / s**2
 
     def native_weights(self) -> Tensor:
-        """Tensor[T] float64: w_t = |b_t| / s_t^2 with the stds this sampler samples with."""
-        self._require_noise(None)
-        _, b, s = self._table()
+        """Tensor[len(noisy_steps())] float64: w_t = |b_t| / s_t^2 of the noisy steps, with their stds."""
+        steps = self.noisy_steps()
+        self._require_noise(torch.tensor(list(steps)))
+        _, b, s = self._table()[:, steps.start : steps.stop]
         return b.abs() / s**2
 
     def coefficients(self, i: Index) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,9 +188,10 @@ class BaseSampler(ABC):
         """[3, T] float64 rows a, b, s, built once from the family's per-step coefficients."""
         if self._cached_table is None:
             rows = []
+            noisy = self.noisy_steps()
             for i in range(self.num_steps):
                 s = self._std_override[i] if self._std_override is not None else self.native_std(i)
-                s = torch.as_tensor(s, dtype=torch.float64)
+                s = torch.as_tensor(s if i in noisy else 0.0, dtype=torch.float64)
                 a, b = self.coefficients_at(i, s)
                 rows.append(torch.stack([a, b, s]))
             self._cached_table = torch.stack(rows, 1)
@@ -177,14 +205,25 @@ class BaseSampler(ABC):
             self._converted[key] = self._table().to(device=device, dtype=dtype)
         return self._converted[key]
 
-    def _require_noise(self, i: Index | None) -> None:
+    def _require_noise(self, i: Index) -> None:
         """A step with std 0 is deterministic: it has no density and no credit weight."""
         self._table()
         if not self._zero_std_steps:
             return
-        asked = set(range(self.num_steps)) if i is None else set(torch.as_tensor(i).flatten().tolist())
+        asked = set(torch.as_tensor(i).flatten().tolist())
         if self._zero_std_steps & asked:
+            where = (f"outside the SDE window {list(self.noisy_steps())}" if self.window is not None
+                     else "deterministic, e.g. eta=0")
             raise ValueError(
-                f"steps {sorted(self._zero_std_steps & asked)} have std 0 (deterministic, e.g. "
-                "eta=0): their log-prob and credit weight are undefined; set sampler.eta > 0"
+                f"steps {sorted(self._zero_std_steps & asked)} have std 0 ({where}): their log-prob and "
+                "credit weight are undefined"
             )
+
+
+def instantiate_sampler(node: DictConfig, model: Any) -> BaseSampler:
+    """A sampler node built on `model`: its `sde_window` is the training loop's schedule, not a constructor's key."""
+    from hydra.utils import instantiate
+
+    options = OmegaConf.to_container(node, resolve=True)
+    options.pop("sde_window", None)
+    return instantiate(options, model=model)

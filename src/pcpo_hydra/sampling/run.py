@@ -17,6 +17,7 @@ from pcpo_hydra.images import to_pil
 from pcpo_hydra.sampling.config import MANIFEST, irg_weights, sources
 from pcpo_hydra.sampling.sources import matched_checkpoint, source_runs
 from pcpo_hydra.sampling.guidance import GuidedModel, PolicyLoadError, load_policy, sample_images
+from pcpo_hydra.samplers.base import instantiate_sampler
 
 __all__ = ["MANIFEST", "PolicyLoadError", "build_guided", "jobs", "log_samples", "write_samples"]
 
@@ -32,7 +33,7 @@ def build_guided(cfg: DictConfig, folders: dict[str, Path | None]) -> tuple[Any,
         torch.set_num_threads(cfg.hardware.num_threads)
     model = build(cfg.model)
     model.to(cfg.hardware.device, weight_dtype(cfg.hardware))
-    sampler = instantiate(cfg.sampler, model=model)
+    sampler = instantiate_sampler(cfg.sampler, model)
     if cfg.deterministic:
         sampler = sampler.deterministic()
     weights = {name: 1.0 if name == "policy" else irg_weights(cfg)[name] for name in folders}

@@ -41,9 +41,10 @@ class RewardWeightedRegression:
                 for chunk in order.split(train.steps_per_forward, dim=1):
                     r, k = rows[:, None].expand_as(chunk).reshape(-1), chunk.reshape(-1)
                     x, cond = traj.latents[r, k], {key: value[r] for key, value in traj.cond.items()}
+                    i = k + traj.first_step  # the sampler's step of stored step k (an SDE window starts later)
                     with accelerator.accumulate(model.network):
-                        f = model.predict(x, sampler.timestep(k), cond).float()
-                        loss = -(weights[r] * sampler.log_prob(k, x, f, traj.latents[r, k + 1])).mean()
+                        f = model.predict(x, sampler.timestep(i), cond).float()
+                        loss = -(weights[r] * sampler.log_prob(i, x, f, traj.latents[r, k + 1])).mean()
                         accelerator.backward(loss)
                         optimizer_steps += accelerator.sync_gradients
                         optimizer.step()
