@@ -520,6 +520,30 @@ def plot(setting: str, records: list[RunRecord], arms: list[str], path: Path) ->
     plt.close(figure)
 
 
+def plot_seconds(setting: str, records: list[RunRecord], arms: list[str], path: Path) -> None:
+    """Evaluation reward against training seconds (means over seeds): what a GPU-hour buys, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for arm in arms:
+        runs = [r for r in records if r.arm == arm]
+        seconds = [statistics.fmean(([0.0] + r.train_seconds)[e] for r in runs) for e in runs[0].eval_epochs]
+        axis.plot(seconds, mean_curve(runs, "eval_reward"), label=arm, marker=".")
+    for target in targets(records):
+        axis.axhline(target, color="grey", linewidth=0.5, linestyle=":")
+    axis.set_xlabel("training seconds (rollout + reward + update; evaluations left out)")
+    axis.set_ylabel("evaluation reward")
+    axis.set_title(f"{setting}: means over {len({r.seed for r in records})} seeds (dotted: the 50/75/90% targets)",
+                   fontsize=10)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -585,6 +609,7 @@ def main(argv: list[str]) -> None:
         lines += setting_report(setting, mine, list(arms), fidelity)
         if args.speed:
             lines += speed_report(setting, mine, list(arms), fidelity)
+            plot_seconds(setting, mine, list(arms), out / f"{setting}_seconds.png")
         plot(setting, mine, list(arms), out / f"{setting}.png")
     report = "\n".join(lines)
     (out / "report.md").write_text(report + "\n")
@@ -594,7 +619,8 @@ def main(argv: list[str]) -> None:
     summary.start(None, {"seeds": str(args.seeds), "epochs": str(args.epochs), "arms": ",".join(arms),
                          "overrides": " ".join(args.overrides) or "(none)"},
                   {"benchmark": "paper_claims", "benchmark_id": benchmark_id})
-    for name in ("report.md", "records.json", *(f"{s}.png" for s in settings)):
+    plots = [f"{s}.png" for s in settings] + ([f"{s}_seconds.png" for s in settings] if args.speed else [])
+    for name in ("report.md", "records.json", *plots):
         summary.log_artifact(out / name, "report")
     summary.end("FINISHED")
     print(f"\nreport, plots and records in {out}; MLflow experiment {EXPERIMENT}")

@@ -162,3 +162,26 @@ def test_a_tiny_benchmark_writes_its_table_plots_and_mlflow_runs(claims, tmp_pat
     assert {(r["arm"], r["seed"]): r["reward"] for r in again} == {(r["arm"], r["seed"]): r["reward"] for r in records}
     runs = client.search_runs([client.get_experiment_by_name(claims.EXPERIMENT).experiment_id])
     assert len([r for r in runs if "arm" in r.data.tags]) == 4 and len(runs) == 6  # only a second summary run
+
+
+@pytest.mark.integration
+def test_a_tiny_speed_benchmark_times_every_arm_and_plots_reward_against_seconds(claims, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "out"
+    claims.main(["--speed", "--settings", "ddim", "--seeds", "2", "--epochs", "3", "--eval-every", "1",
+                 "--eval-prompts", "2", "--out", str(out), "model=tiny_sd", "experiment=debug",
+                 "sampler.num_steps=4", "hardware.num_threads=1"])
+    records = [claims.RunRecord(**r) for r in json.loads((out / "records.json").read_text())]
+    assert [r.arm for r in records] == list(claims.SPEED) * 2
+    for run in records:
+        assert len(run.train_seconds) == 3 and all(b > a > 0 for a, b in zip([0.0] + run.train_seconds, run.train_seconds))
+    rows = {r.arm: r.network_rows for r in records}
+    # experiment=debug: 2 prompts x 2 images, 4 steps at guidance 5; the window stores 3 of them
+    assert rows == {"grpo": {"rollout": 32, "update": 32}, "pcpo": {"rollout": 32, "update": 32},
+                    "pcpo_window": {"rollout": 32, "update": 24}, "pcpo_window_nocfg": {"rollout": 16, "update": 12}}
+    report = (out / "report.md").read_text()
+    assert "### ddim: time to target (2 seeds;" in report or "### ddim: time to target" in report
+    assert "| pcpo_window_nocfg | " in report and "speed-up to 50% over grpo (seconds)" in report
+    assert (out / "ddim_seconds.png").stat().st_size > 10_000

@@ -29,16 +29,9 @@ def proportional_weights(native: Tensor, intervals: Tensor) -> Tensor:
 
 
 def reweight_scales(sampler: BaseSampler) -> Tensor:
-    """Tensor[T] float64: w~_t / w_t, the factor on each step's log-ratio (reweight mode).
-
-    With an SDE window, w~ is proportional over the window's steps alone (same mean as their native
-    weights), as they are all the update trains; the deterministic steps keep a factor of 1, unused.
-    """
-    steps = sampler.noisy_steps()
+    """Tensor[T] float64: w~_t / w_t, the factor on each step's log-ratio (reweight mode)."""
     native = sampler.native_weights()
-    scales = torch.ones(sampler.num_steps, dtype=torch.float64)
-    scales[steps.start : steps.stop] = proportional_weights(native, sampler.intervals()[steps.start : steps.stop]) / native
-    return scales
+    return proportional_weights(native, sampler.intervals()) / native
 
 
 def _log_gap(sampler: BaseSampler, i: int, s: float | Tensor, target: float) -> Tensor:
@@ -105,13 +98,7 @@ def _matching_std(sampler: BaseSampler, i: int, target: float, native: float) ->
 
 
 def variance_stds(sampler: BaseSampler) -> tuple[Tensor, Tensor]:
-    """(stds, scales), Tensor[T] float64 each: sigma~_t and the residual factor w~_t / w_t(sigma~_t).
-
-    Not for a windowed sampler: moving every step's std would make the deterministic steps noisy.
-    """
-    if sampler.window is not None:
-        raise ValueError("algorithm.credit_mode=variance cannot keep an SDE window's outside steps deterministic; "
-                         "use algorithm.credit_mode=reweight")
+    """(stds, scales), Tensor[T] float64 each: sigma~_t and the residual factor w~_t / w_t(sigma~_t)."""
     native_stds = sampler.stds()
     target = proportional_weights(sampler.native_weights(), sampler.intervals())
     stds = torch.tensor(

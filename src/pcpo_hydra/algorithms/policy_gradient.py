@@ -65,30 +65,19 @@ class PolicyGradient:
         self.adv_clip_max = adv_clip_max
         self.kl_beta = kl_beta
         self.scales: Tensor | None = None
-        self._mode: str | None = None
-        self._window_scales: dict[tuple[int, int], Tensor] = {}
-        self._scales_on: dict[tuple[tuple[int, int] | None, torch.device, torch.dtype], Tensor] = {}
+        self._scales_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def prepare(self, sampler: BaseSampler) -> BaseSampler:
-        """Fix the per-step credit scales; returns the sampler to use for rollouts and updates."""
-        self._mode = self.credit_mode or sampler.default_credit_mode
-        rollout, self.scales = credit_plan(sampler, self.credit, self._mode)
-        self._window_scales, self._scales_on = {}, {}
-        return rollout
+        """Fix the per-step credit scales; returns the sampler to use for rollouts and updates.
 
-    def scales_for(self, sampler: BaseSampler) -> Tensor:
-        """Tensor[T] float64: the credit scales of `sampler`, `prepare`'s own or, for an SDE window of it, the window's.
-
-        A window's proportional credit spreads over its steps alone (credit.reweight_scales),
-        computed once per window.
+        An epoch with an SDE window rolls out and updates with the window's copy of the returned
+        sampler and keeps these scales: each step's credit per unit of its interval is then the
+        same whichever window it falls in (docs/design.md, "SDE windows").
         """
-        if self.scales is None:
-            raise RuntimeError("PolicyGradient.prepare(sampler) must run before step_loss")
-        if sampler.window is None:
-            return self.scales
-        if sampler.window not in self._window_scales:
-            self._window_scales[sampler.window] = credit_plan(sampler, self.credit, self._mode)[1]
-        return self._window_scales[sampler.window]
+        mode = self.credit_mode or sampler.default_credit_mode
+        rollout, self.scales = credit_plan(sampler, self.credit, mode)
+        self._scales_on = {}
+        return rollout
 
     def step_loss(
         self,
@@ -108,7 +97,7 @@ class PolicyGradient:
         Stats: policy_loss, approx_kl, clipfrac, log_ratio_abs, and kl_loss with the penalty on.
         """
         log_rho = self._log_ratio(i, sampler, x, prev, noise, f_old, f_new, log_prob_old)
-        r = self._scale(i, sampler, log_rho) * log_rho
+        r = self._scale(i, log_rho) * log_rho
         adv = clip_advantages(advantages, self.adv_clip_max).to(r.dtype)
         policy_loss, outside = _OBJECTIVES[self.objective](r, adv, self.clip_range)
         policy_loss = policy_loss.mean()
@@ -138,9 +127,11 @@ class PolicyGradient:
         _, b, s = sampler.coefficients_for(i, f_new)
         return matching_log_ratio(b, s, noise, f_new, f_old)
 
-    def _scale(self, i: Index, sampler: BaseSampler, like: Tensor) -> Tensor:
-        """Credit scale of step(s) i on `like`'s device and dtype, converted once per window, device and dtype."""
-        key = (sampler.window, like.device, like.dtype)
+    def _scale(self, i: Index, like: Tensor) -> Tensor:
+        """Credit scale of step(s) i on `like`'s device and dtype, converted once per pair."""
+        if self.scales is None:
+            raise RuntimeError("PolicyGradient.prepare(sampler) must run before step_loss")
+        key = (like.device, like.dtype)
         if key not in self._scales_on:
-            self._scales_on[key] = self.scales_for(sampler).to(device=like.device, dtype=like.dtype)
+            self._scales_on[key] = self.scales.to(device=like.device, dtype=like.dtype)
         return self._scales_on[key][i.to(like.device) if isinstance(i, Tensor) else i]

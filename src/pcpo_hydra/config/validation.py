@@ -179,12 +179,6 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
         problems.append(
             f"train.timestep_fraction={train.timestep_fraction}: trains no step of {where}={stored}; raise one of them"
         )
-    window = cfg.sampler.get("sde_window")
-    if window is not None and window.size is not None and cfg.algorithm.get("credit_mode") == "variance":
-        problems.append(
-            f"algorithm.credit_mode='variance': moves the stds of every step, while sampler.sde_window.size="
-            f"{window.size} keeps the steps outside the window deterministic; use algorithm.credit_mode=reweight"
-        )
     deepspeed = cfg.hardware.deepspeed
     if train.ema.decay is not None and deepspeed is not None and deepspeed.stage == 3:
         problems.append(

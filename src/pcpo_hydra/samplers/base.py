@@ -137,10 +137,9 @@ class BaseSampler(ABC):
         return b.abs() / s**2
 
     def native_weights(self) -> Tensor:
-        """Tensor[len(noisy_steps())] float64: w_t = |b_t| / s_t^2 of the noisy steps, with their stds."""
-        steps = self.noisy_steps()
-        self._require_noise(torch.tensor(list(steps)))
-        _, b, s = self._table()[:, steps.start : steps.stop]
+        """Tensor[T] float64: w_t = |b_t| / s_t^2 with the stds this sampler samples with."""
+        self._require_noise(torch.arange(self.num_steps))
+        _, b, s = self._table()
         return b.abs() / s**2
 
     def coefficients(self, i: Index) -> tuple[Tensor, Tensor, Tensor]:
