@@ -159,10 +159,10 @@ import pcpo_hydra.loop as loop
 
 working_update = loop.Trainer.update
 
-def update_failing_on_rank_1(self, traj):
+def update_failing_on_rank_1(self, *args, **kwargs):
     if os.environ.get("RANK") == "1":  # set in the rank after start-up, so looked up at call time
         raise RuntimeError("injected failure on rank 1")
-    return working_update(self, traj)
+    return working_update(self, *args, **kwargs)
 
 loop.Trainer.update = update_failing_on_rank_1
 '''

@@ -126,7 +126,7 @@ def test_an_empty_multi_is_a_config_error(compose_cfg) -> None:
 def test_a_training_epoch_logs_every_part_beside_the_total(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from tests.test_training import only_run, pcpo_train
+    from test_training import only_run, pcpo_train
 
     store = tmp_path / "mlflow.db"
     pcpo_train(store, *JPEG_PARTS, "reward.weights.clip=0.5", f"hydra.run.dir={tmp_path / 'run'}")

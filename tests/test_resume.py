@@ -100,10 +100,11 @@ def test_a_resume_that_would_change_what_was_trained_is_refused_naming_the_overr
 
 @pytest.mark.integration
 def test_a_run_saved_before_a_key_existed_resumes_with_the_key_at_its_default(copy_of) -> None:
-    """train.cfg, rollout.drop_flat_groups and train.ema came after runs that must still resume: conf/ fills them in."""
+    """train.cfg, rollout.drop_flat_groups, train.ema and sampler.sde_window came after runs that must still
+    resume: conf/ fills them in."""
     run_dir, store = copy_of
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    del saved.train["cfg"], saved.rollout["drop_flat_groups"], saved.train["ema"]
+    del saved.train["cfg"], saved.rollout["drop_flat_groups"], saved.train["ema"], saved.sampler["sde_window"]
     OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
     result = cli(store, f"resume={run_dir}", "epochs=3")
     assert result.returncode == 0, result.stdout[-3000:]
@@ -112,8 +113,11 @@ def test_a_run_saved_before_a_key_existed_resumes_with_the_key_at_its_default(co
     config = OmegaConf.load(resumed)
     assert config.train.cfg is True and config.rollout.drop_flat_groups is False
     assert config.train.ema.decay is None and config.train.ema.every == 1
+    assert config.sampler.sde_window.size is None  # no window: every step stochastic, as the run trained
     assert config.algorithm.objective == "ratio"  # the run's own keys stay its own
     assert ("keys added to conf/ since the run was saved, at their defaults: rollout.drop_flat_groups=False, "
+            "sampler.sde_window.every=1, sampler.sde_window.placement='fixed', sampler.sde_window.range=None, "
+            "sampler.sde_window.size=None, sampler.sde_window.stride=1, "
             "train.cfg=True, train.ema.decay=None, train.ema.every=1") in (run_dir / "train.log").read_text()
 
 

@@ -75,16 +75,20 @@ def test_a_bad_window_is_one_line_naming_the_key(compose_cfg, overrides, problem
     assert len(info.value.problems) == 1 and info.value.problems[0].startswith(problem), info.value.problems
 
 
-def test_a_sampler_node_without_a_window_validates_as_one_with_none(compose_cfg):
-    """Inline nodes (`+eval.sampler={...}`) and run configs saved before windows existed have no sde_window."""
+def test_a_sampler_node_without_a_window_is_refused_by_name_and_null_means_no_window(compose_cfg):
+    """conf/ is the one place the default lives; a run saved before windows existed gets it on resume."""
     from omegaconf import open_dict
 
     cfg = compose_cfg()
     with open_dict(cfg):
         del cfg.sampler["sde_window"]
-    checked = validate(cfg)
-    assert checked.sampler.get("sde_window") is None
-    assert SDEWindow.from_config(checked.sampler, checked.seed) is None
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert "sampler.sde_window: is missing; set it to a node with keys size, placement, range, every, stride or null" \
+        in str(refused.value)
+    with open_dict(cfg):
+        cfg.sampler["sde_window"] = None
+    assert SDEWindow.from_config(validate(cfg).sampler, cfg.seed) is None
 
 
 def test_the_update_is_sized_by_the_window(compose_cfg):

@@ -32,9 +32,9 @@ class SamplerSchema:
     """What every sampler node has: its step count and its SDE window, checked against each other."""
 
     num_steps: int = checked(positive())
-    # conf/sampler/*.yaml always give it; a node written without one (inline, or saved before
-    # windows existed) has no window, as size null says
-    sde_window: Optional[SDEWindowSchema] = None
+    # conf/sampler/sde_window/full.yaml (size null: no window); a run saved before windows existed
+    # gets it on resume (config/resume.py)
+    sde_window: Optional[SDEWindowSchema] = MISSING
 
     def relations(self, prefix: str) -> Iterator[str]:
         """The window must fit in its range, and the range in the sampler's steps."""
