@@ -96,7 +96,11 @@ def test_one_epoch_logs_metrics_tags_and_artifacts(tmp_path: Path, algorithm: st
 SLIDING = ["sampler.sde_window.size=1", "sampler.sde_window.placement=sliding"]  # over 3 steps: 0, 1, 2, 0, 1
 
 
-@pytest.mark.parametrize("window", [[], SLIDING], ids=["full", "sliding_window"])
+# SDPO: 2 of 3 prompts an epoch, 4 samples each, so its per-(prompt, step) statistics take over by epoch 3
+SDPO = ["algorithm=sdpo", "algorithm.stat_min_count=6", "prompts=list"]
+
+
+@pytest.mark.parametrize("window", [[], SLIDING, SDPO], ids=["full", "sliding_window", "sdpo"])
 def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_path: Path, window) -> None:
     """A run stopped after 3 epochs (checkpoint at 2) and resumed to 5 equals one straight 5-epoch run."""
     client_of = lambda store: MlflowClient(f"sqlite:///{store}")  # noqa: E731
@@ -124,7 +128,7 @@ def test_resume_continues_the_same_run_without_duplicate_or_missing_epochs(tmp_p
     assert (run_dir / ".hydra" / "config.yaml").read_text() == first_config
     assert len(list((run_dir / ".hydra").glob("resumed_*"))) == 1
     assert (run_dir / "checkpoints" / "epoch_00004").is_dir()
-    if window:  # the resumed epochs slid on from where the window was, as the straight run's did
+    if window == SLIDING:  # the resumed epochs slid on from where the window was, as the straight run's did
         starts = client.get_metric_history(run.info.run_id, "rollout/sde_window_start")
         assert [m.value for m in sorted(starts, key=lambda m: m.step)] == [0, 1, 2, 0, 1]
 

@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from pcpo_hydra.config.registry import schema_for
 from pcpo_hydra.checkpoint import (
     CheckpointError, checkpoint_root, intact_checkpoint, load_checkpoint, register_weight_hooks,
 )
@@ -33,9 +34,15 @@ log = logging.getLogger(__name__)
 
 
 def accumulation_steps(cfg: DictConfig) -> int:
-    """Backward passes per optimizer step: micro-batches per update x forwards per micro-batch."""
+    """Backward passes per optimizer step: micro-batches per update x forwards per micro-batch.
+
+    An algorithm whose schema says STEPS_MAJOR (SDPO) makes one forward per micro-batch and step slot,
+    with train.num_updates optimizer steps per slot (update.Schedule).
+    """
     samples = cfg.rollout.prompts_per_epoch * cfg.rollout.group_size
     micro_batches = samples // cfg.train.batch_size // cfg.train.num_updates
+    if getattr(schema_for("algorithm", cfg.algorithm), "STEPS_MAJOR", False):
+        return micro_batches
     trained = trained_steps(stored_steps(cfg.sampler), cfg.train.timestep_fraction)
     return micro_batches * math.ceil(trained / cfg.train.steps_per_forward)
 

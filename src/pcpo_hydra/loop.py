@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pcpo_hydra.algorithms.advantages import flat_groups
-from pcpo_hydra.algorithms.base import Algorithm
+from pcpo_hydra.algorithms.base import Algorithm, initial_noise_group, score_rollouts
 from pcpo_hydra.callbacks import Callback
 from pcpo_hydra.checkpoint import save_checkpoint
 from pcpo_hydra.ema import AveragingOptimizer, WeightAverage
@@ -162,28 +162,37 @@ class Trainer:
             return sample_trajectories(
                 self.parts.model, sampler, prompts[self.layout.rows],
                 self.cfg.rollout.batch_size, self.layout.noise_generators(epoch),
+                same_noise=initial_noise_group(self.parts.algorithm),
             )
 
     def gather(self, values: Tensor) -> Tensor:
         """Every rank's values, in rank order (= the epoch's global sample order)."""
         return self.accelerator.gather(values.contiguous()) if self.layout.world > 1 else values
 
-    def score(self, traj: Trajectories, prompts: list[str]) -> Tensor:
-        """Score this rank's images, set its advantages from the whole epoch's rewards; return all rewards.
+    def score(self, traj: Trajectories, prompts: list[str], sampler: Any) -> Tensor:
+        """Score this rank's rollouts, set its advantages from the whole epoch's rewards; return all final rewards.
 
+        The reward scores the final images, or the algorithm scores the rollouts itself
+        (`score_rollouts`: SDPO's rewards at every step, [n, K], whose last column is the final reward).
         With `rollout.drop_flat_groups` the samples of groups with equal rewards are marked not to
         train (`traj.kept`); every rank sees all rewards, so all agree on which ones without a collective.
         """
         with self.timed("reward"):
-            rewards, traj.extras["reward_parts"] = self.parts.reward.score_parts(traj.images, traj.prompts)
-            traj.rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
-            everyone = self.gather(traj.rewards)
+            rewards, traj.extras["reward_parts"] = score_rollouts(
+                self.parts.algorithm, traj, self.parts.model, sampler, self.parts.reward, self.cfg.rollout.batch_size
+            )
+            rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
+            if rewards.dim() == 2:
+                traj.extras["step_rewards"] = rewards
+            traj.rewards = rewards if rewards.dim() == 1 else rewards[:, -1]
+            everyone = self.gather(rewards)
             advantages = self.parts.algorithm.advantages(prompts, everyone)
             traj.advantages = advantages.to(traj.rewards.device)[self.layout.rows]
+            final = everyone if everyone.dim() == 1 else everyone[:, -1]
             if self.cfg.rollout.drop_flat_groups:
-                flat = flat_groups(everyone, self.cfg.rollout.group_size)
+                flat = flat_groups(final, self.cfg.rollout.group_size)
                 traj.kept = ~flat.repeat_interleave(self.cfg.rollout.group_size)[self.layout.rows]
-            return everyone
+            return final
 
     def update(self, traj: Trajectories, sampler: Any) -> dict[str, float]:
         with self.timed("update"), self.parts.model.guided(self.cfg.train.cfg):
@@ -204,7 +213,7 @@ class Trainer:
         prompts = self.layout.draw_prompts(self.parts.prompts, self.prompt_generator)
         sampler = self.epoch_sampler(epoch)
         traj = self.rollout(epoch, prompts, sampler)
-        rewards = self.score(traj, prompts)
+        rewards = self.score(traj, prompts, sampler)
         train_stats = self.update(traj, sampler)
         self.timings["epoch"] = time.perf_counter() - start
         return traj, rewards, train_stats
@@ -263,6 +272,10 @@ class Trainer:
         }
         if self.window is not None:
             metrics["rollout/sde_window_start"] = float(traj.first_step)
+        if "step_rewards" in traj.extras:  # the mean reward of each step's clean-sample prediction (SDPO)
+            dense = self.gather(traj.extras["step_rewards"])
+            means = dense.nan_to_num(0.0, 0.0, 0.0).sum(0) / torch.isfinite(dense).sum(0).clamp(min=1)
+            metrics.update({f"rollout/step_{k + 1}_reward_mean": m for k, m in enumerate(means.tolist())})
         for name, values in traj.extras["reward_parts"].items():
             metrics.update(reward_stats(f"reward/{name}", self.gather(values.to(adv.device).float())))
         for name, count in self.parts.model.text_cache.take_counts().items():

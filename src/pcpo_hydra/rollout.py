@@ -49,11 +49,16 @@ def _encode(model, prompts: list[str]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _sample_chunk(model, sampler, cond: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, ...]:
+def _sample_chunk(
+    model, sampler, cond: dict[str, Tensor], generator: torch.Generator, same_noise: int = 1
+) -> tuple[Tensor, ...]:
     """Every step runs; only the noisy ones are kept. Noise is drawn at every step, used or not,
-    so a step's noise is the same whatever the window (one stream position per step)."""
+    so a step's noise is the same whatever the window (one stream position per step).
+    Each run of `same_noise` consecutive samples starts from one initial latent (SDPO's pairs)."""
     batch = next(iter(cond.values())).shape[0]
-    x = _randn((batch, *model.latent_shape), generator).to(model.device)
+    if batch % same_noise:
+        raise ValueError(f"a sampling batch of {batch} does not split into runs of {same_noise} sharing their noise")
+    x = _randn((batch // same_noise, *model.latent_shape), generator).repeat_interleave(same_noise, 0).to(model.device)
     kept = sampler.noisy_steps()
     latents, outputs, noises, log_probs = [x] if kept.start == 0 else [], [], [], []
     for i in range(sampler.num_steps):
@@ -73,15 +78,18 @@ def _sample_chunk(model, sampler, cond: dict[str, Tensor], generator: torch.Gene
 
 
 def sample_trajectories(
-    model, sampler, prompts: list[str], batch_size: int, generators: list[torch.Generator]
+    model, sampler, prompts: list[str], batch_size: int, generators: list[torch.Generator], same_noise: int = 1
 ) -> Trajectories:
-    """Run the sampler for every prompt, `batch_size` trajectories per network call, batch k's noise from generators[k]."""
+    """Run the sampler for every prompt, `batch_size` trajectories per network call, batch k's noise from generators[k].
+
+    `same_noise` > 1 starts each run of that many consecutive samples from the same initial latent.
+    """
     starts = range(0, len(prompts), batch_size)
     if len(generators) != len(starts):
         raise ValueError(f"{len(generators)} noise generators for {len(starts)} batches of {batch_size}")
     cond = _encode(model, prompts)
     chunks = [
-        _sample_chunk(model, sampler, {k: v[s : s + batch_size] for k, v in cond.items()}, generator)
+        _sample_chunk(model, sampler, {k: v[s : s + batch_size] for k, v in cond.items()}, generator, same_noise)
         for s, generator in zip(starts, generators)
     ]
     latents, outputs, noise, log_probs, images = (torch.cat(parts) for parts in zip(*chunks))

@@ -87,3 +87,32 @@ class Algorithm(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
+
+
+# Optional members: an algorithm that has them changes the loop's rollout or scoring (SDPO has both);
+# the functions below read them, and stand in for them when an algorithm has none.
+#
+#   initial_noise_group: int
+#       Runs of this many consecutive samples start from the same initial latent (their later noise
+#       differs). The rollout and the sampling batches keep such runs whole.
+#   score(traj, model, sampler, reward, batch_size) -> (rewards, parts)
+#       Score this rank's rollouts instead of the reward scoring `traj.images`: rewards are Tensor[n]
+#       or Tensor[n, K] (one per stored step, the last column the final reward), parts a dict of
+#       per-sample Tensor[n] the loop logs as reward/<name>_*. `advantages` then receives all ranks'
+#       rewards of that shape and returns advantages of the same shape. `batch_size` is
+#       rollout.batch_size, the most images to decode at once.
+
+
+def initial_noise_group(algorithm: Algorithm) -> int:
+    """How many consecutive samples share their initial noise under `algorithm` (1: none)."""
+    return int(getattr(algorithm, "initial_noise_group", 1))
+
+
+def score_rollouts(
+    algorithm: Algorithm, traj: Trajectories, model: PolicyModel, sampler: BaseSampler, reward: Any, batch_size: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The epoch's rewards of this rank's rollouts: the algorithm's own `score`, else the reward of the final images."""
+    score = getattr(algorithm, "score", None)
+    if score is None:
+        return reward.score_parts(traj.images, traj.prompts)
+    return score(traj, model, sampler, reward, batch_size)

@@ -185,6 +185,9 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
             f"train.ema.decay={train.ema.decay}: needs every trained weight whole on each rank, which "
             "hardware.deepspeed.stage=3 shards; use ZeRO stage 2 (hardware=node8_zero2) or train.ema.decay=null"
         )
+    run_problems = getattr(schema_for("algorithm", cfg.algorithm), "run_problems", None)  # what it needs of the run
+    if run_problems is not None:
+        problems.extend(run_problems(cfg))
     problems.extend(resume_problems(cfg.resume))
     return problems
 

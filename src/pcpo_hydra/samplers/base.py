@@ -76,6 +76,14 @@ class BaseSampler(ABC):
     def timestep(self, i: Index) -> Tensor:
         """The time value the network is conditioned on at step i."""
 
+    def clean_estimate(self, i: int, x: Tensor, f: Tensor) -> Tensor:
+        """The clean sample x0 the network output f predicts from x at step i (in x's compute dtype).
+
+        What a one-step sampler would return from x, and what SDPO scores at every step
+        (algorithms/sdpo.py). A family that cannot tell says so here rather than guessing.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no clean-sample estimate")
+
     # ---- derived, shared by every family -----------------------------------------------------
 
     def with_stds(self, stds: Tensor) -> BaseSampler:

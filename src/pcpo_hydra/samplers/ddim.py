@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pcpo_hydra.samplers.base import BaseSampler, Index
+from pcpo_hydra.samplers.base import BaseSampler, Index, compute_dtype
 
 
 class DDIMSampler(BaseSampler):
@@ -65,6 +65,11 @@ class DDIMSampler(BaseSampler):
     def interval(self, i: int) -> float:
         """(t - t_prev) / num_train_timesteps: DDIM's steps are equal gaps of the training time."""
         return self._gap / self.num_train_timesteps
+
+    def clean_estimate(self, i: int, x: Tensor, f: Tensor) -> Tensor:
+        """DDIM's x0 = (x - sqrt(1 - alpha_t) eps) / sqrt(alpha_t), eps the (guided) network output."""
+        at = self._alpha[i].to(device=x.device, dtype=compute_dtype(x.dtype))
+        return (x.to(at.dtype) - (1 - at).sqrt() * f.to(at.dtype)) / at.sqrt()
 
     def timestep(self, i: Index) -> Tensor:
         """The integer training timestep t of step i (a LongTensor, on i's device for a tensor i)."""

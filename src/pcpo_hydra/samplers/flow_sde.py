@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from pcpo_hydra.samplers.base import BaseSampler, Index
+from pcpo_hydra.samplers.base import BaseSampler, Index, compute_dtype
 
 TIMESTEP_SCALE = 1000.0  # num_train_timesteps of SD3 and FLUX: scheduler timestep = sigma * 1000
 
@@ -89,6 +89,11 @@ class FlowSDESampler(BaseSampler):
     def interval(self, i: int) -> float:
         """|sigma_{i+1} - sigma_i|: flow schedules are uneven, so PCPO's credit follows it."""
         return float(self.sigmas[i] - self.sigmas[i + 1])
+
+    def clean_estimate(self, i: int, x: Tensor, f: Tensor) -> Tensor:
+        """x0 = x - sigma_i v: the point the velocity v reaches at sigma 0 from x_sigma."""
+        dtype = compute_dtype(x.dtype)
+        return x.to(dtype) - float(self.sigmas[i]) * f.to(dtype)
 
     def timestep(self, i: Index) -> Tensor:
         """sigma_i * 1000 as float32, the scheduler's timestep (on i's device for a tensor i)."""
