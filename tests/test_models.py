@@ -216,7 +216,7 @@ def test_offline_uncached_hub_id_names_model_component_and_fix(monkeypatch: pyte
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError) as caught:
-        load_stable_diffusion("pcpo-hydra-tests/not-a-cached-model")
+        load_stable_diffusion("pcpo-hydra-tests/not-a-cached-model", guidance_scale=5.0)
     message = str(caught.value)
     for part in ("'pcpo-hydra-tests/not-a-cached-model'", "the scheduler", "HF_HUB_OFFLINE",
                  "model.pretrained=", "hf download pcpo-hydra-tests/not-a-cached-model"):
@@ -252,7 +252,7 @@ def test_unreachable_hub_fails_at_once_unless_the_repo_is_cached(monkeypatch: py
 def test_missing_local_dir_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_pipeline"
     with pytest.raises(ModelLoadError, match="no such local directory") as caught:
-        load_stable_diffusion(str(missing))
+        load_stable_diffusion(str(missing), guidance_scale=5.0)
     assert str(missing) in str(caught.value) and "hf download" not in str(caught.value)
 
 
@@ -271,7 +271,7 @@ def test_missing_component_of_local_dir_is_named(remove: str, message: str, tmp_
         else:
             path.unlink()
     with pytest.raises(ModelLoadError, match=message):
-        load_stable_diffusion(str(tmp_path))
+        load_stable_diffusion(str(tmp_path), guidance_scale=5.0)
 
 
 def edit_weights(file: Path, edit: str) -> str:
@@ -306,7 +306,7 @@ def test_a_pipeline_with_missing_or_unexpected_weights_is_refused(
     shutil.copytree(saved_sd, tmp_path, dirs_exist_ok=True)
     key = edit_weights(tmp_path / component / file, edit)
     with pytest.raises(ModelLoadError) as caught:
-        load_stable_diffusion(str(tmp_path))
+        load_stable_diffusion(str(tmp_path), guidance_scale=5.0)
     message = str(caught.value)
     assert f"the {component} (" in message and repr(str(tmp_path / component / file)) in message
     assert f"its weights do not fit the model: {edit} {key}" in message
@@ -324,7 +324,7 @@ def test_a_weight_of_another_shape_is_refused_naming_both_shapes(saved_sd: Path,
         size = original[key].shape[0]
         save_file(original | {key: torch.zeros(size + 1)}, path, metadata={"format": "pt"})
         with pytest.raises(ModelLoadError) as caught:
-            load_stable_diffusion(str(tmp_path))
+            load_stable_diffusion(str(tmp_path), guidance_scale=5.0)
         assert f"the {component} (" in str(caught.value)
         assert f"shapes differ for {key} ({size + 1},) in the file vs ({size},) in the model" in str(caught.value)
         save_file(original, path, metadata={"format": "pt"})

@@ -15,6 +15,7 @@ _EXPORTS = {
     "StableDiffusionPolicy": "stable_diffusion",
     "load_stable_diffusion": "stable_diffusion",
     "build_tiny_sd": "tiny",
+    "build_tiny_sd_turbo": "tiny",
     "save_tiny_sd": "tiny",
     "SD3Policy": "sd3",
     "load_sd3": "sd3",

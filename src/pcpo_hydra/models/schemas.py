@@ -70,6 +70,14 @@ class TinyStableDiffusionSchema(TinyPolicySchema):
 
 @register("model")
 @dataclass
+class TinySDTurboSchema(TinyStableDiffusionSchema):
+    """tiny_sd_turbo: the tiny SD's keys; its target differs only in schedule and guidance default."""
+
+    _target_: str = "pcpo_hydra.models.tiny.build_tiny_sd_turbo"
+
+
+@register("model")
+@dataclass
 class SD3Schema(PretrainedPolicySchema):
     FAMILY: ClassVar[str] = "flow"  # velocity prediction
     _target_: str = "pcpo_hydra.models.sd3.load_sd3"

@@ -1,4 +1,10 @@
-"""Stable Diffusion 1.x as a policy: CLIP text encoder, UNet denoiser (epsilon), KL-VAE, DDIM schedule."""
+"""Stable Diffusion 1.x and 2.x as a policy: CLIP text encoder, UNet denoiser (epsilon), KL-VAE, DDIM schedule.
+
+SD 2.x (e.g. stabilityai/sd-turbo) differs from 1.x only in sizes and options the diffusers and
+transformers classes read from their configs (OpenCLIP-H as a 23-layer CLIPTextModel, linear
+attention projections, per-block head counts), so one adapter serves both. What it cannot serve is
+v-prediction (SD 2.x at 768 px): the loader refuses it rather than train on a misread output.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pcpo_hydra.models.base import PolicyModel, token_ids
 from pcpo_hydra.models.trainable import trainable_weights
-from pcpo_hydra.weights import check_source, load_component
+from pcpo_hydra.weights import check_source, load_component, load_error
 
 
 class StableDiffusionPolicy(PolicyModel):
@@ -82,20 +88,31 @@ def load_stable_diffusion(
     pretrained: str,
     revision: str | None = None,
     resolution: int | None = None,
-    guidance_scale: float = 5.0,
+    *,
+    guidance_scale: float,
     lora: Mapping[str, Any] | None = None,
     gradient_checkpointing: bool = False,
     offload_text_encoders: bool = False,
 ) -> StableDiffusionPolicy:
-    """Hydra target of conf/model/sd1*.yaml: each component from a hub id or a local pipeline folder.
+    """Hydra target of conf/model/sd1*.yaml and sd_turbo.yaml: each component from a hub id or a local pipeline folder.
 
-    `resolution` None takes the UNet's own (sample_size x VAE factor: 512 for SD 1.x); `lora` None
-    or {enabled: false} fine-tunes the whole UNet. The scheduler is always DDIM, built from the
-    pipeline's scheduler config (as DDPO does), whatever scheduler class the pipeline names.
+    `resolution` None takes the UNet's own (sample_size x VAE factor: 512 for SD 1.x and sd-turbo);
+    `lora` None or {enabled: false} fine-tunes the whole UNet. `guidance_scale` has no default: it
+    belongs to the checkpoint (SD 1.5 is sampled at 5.0, sd-turbo, distilled to sample unguided, at
+    1.0), and each conf/model option says its own. The scheduler is always DDIM, built from the
+    pipeline's scheduler config (as DDPO and SDPO do), whatever scheduler class the pipeline names:
+    diffusers' DDIMScheduler keeps the config's timestep_spacing, so sd-turbo's "trailing" gives
+    t = 999 for one step and 999, 749, 499, 249 for four.
     """
     check_source(pretrained, revision)
     # Small files first, so a missing model fails before any large download.
     scheduler = load_component(DDIMScheduler, pretrained, "scheduler", revision)
+    if scheduler.config.prediction_type != "epsilon":
+        raise load_error(
+            pretrained, "scheduler", revision,
+            f"its UNet predicts {scheduler.config.prediction_type!r}, and DDIM here steps epsilon predictions only",
+            fix="use an epsilon-prediction checkpoint (SD 1.x, stable-diffusion-2-1-base, sd-turbo)",
+        )
     tokenizer = load_component(CLIPTokenizer, pretrained, "tokenizer", revision)
     text_encoder = load_component(CLIPTextModel, pretrained, "text_encoder", revision)
     vae = load_component(AutoencoderKL, pretrained, "vae", revision)

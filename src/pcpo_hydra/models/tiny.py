@@ -123,21 +123,36 @@ def build_tiny_sd(
     guidance_scale: float = 5.0,
     lora: Mapping[str, Any] | None = None,
     offload_text_encoders: bool = False,
+    timestep_spacing: str = "leading",
 ) -> StableDiffusionPolicy:
     """Hydra target of conf/model/tiny_sd.yaml: same seed, same weights (LoRA init included).
 
     Latents are 4 x resolution/2 x resolution/2. The global RNG is left as it was.
+    `timestep_spacing` is diffusers' DDIM option: "leading" (SD 1.x, DDPO) or "trailing" (sd-turbo,
+    whose few steps must start at t = 999); it changes only which timesteps a sampler visits.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer()
         return StableDiffusionPolicy(
             _unet(resolution), tiny_vae(resolution), CLIPTextModel(tiny_clip_text_config(tokenizer)), tokenizer,
-            DDIMScheduler(**SD_SCHEDULE), resolution=resolution, guidance_scale=guidance_scale, lora=lora,
-            offload_text_encoders=offload_text_encoders,
+            DDIMScheduler(**SD_SCHEDULE, timestep_spacing=timestep_spacing), resolution=resolution,
+            guidance_scale=guidance_scale, lora=lora, offload_text_encoders=offload_text_encoders,
         )
 
 
-def save_tiny_sd(directory: Path | str, seed: int = 0, resolution: int = 32) -> Path:
-    """Write the tiny model as a diffusers pipeline folder; `model.pretrained=<folder>` then loads it."""
-    return build_tiny_sd(seed, resolution).save_pretrained(directory)
+def build_tiny_sd_turbo(*, guidance_scale: float = 1.0, **options: Any) -> StableDiffusionPolicy:
+    """Hydra target of conf/model/tiny_sd_turbo.yaml: the tiny SD (random weights, as `build_tiny_sd`'s
+    `options` make them) on sd-turbo's trailing DDIM timesteps, sampled without guidance by default.
+
+    A stand-in for tests and CPU runs of sd-turbo's schedule and one-call-per-step sampling, not of
+    its few-step skill. A target of its own because its guidance default (1.0) differs from the tiny
+    SD's (5.0), and every target's Python defaults must be what its conf option says (tests/test_defaults.py).
+    """
+    return build_tiny_sd(guidance_scale=guidance_scale, timestep_spacing="trailing", **options)
+
+
+def save_tiny_sd(directory: Path | str, seed: int = 0, resolution: int = 32, timestep_spacing: str = "leading") -> Path:
+    """Write the tiny model as a diffusers pipeline folder; `model.pretrained=<folder>` then loads it
+    (`timestep_spacing="trailing"`: a folder that loads like sd-turbo's)."""
+    return build_tiny_sd(seed, resolution, timestep_spacing=timestep_spacing).save_pretrained(directory)
