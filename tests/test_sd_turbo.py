@@ -131,10 +131,11 @@ def test_v_prediction_checkpoints_are_refused_by_name(saved, tmp_path: Path) -> 
         load_stable_diffusion(str(copy), guidance_scale=1.0)
 
 
-def test_sd_turbo_offline_without_a_copy_stops_at_once_naming_the_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["pcpo", "sdpo"])
+def test_sd_turbo_offline_without_a_copy_stops_at_once_naming_the_weights(tmp_path: Path, algorithm: str) -> None:
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    result = pcpo_train(tmp_path / "mlflow.db", "model=sd_turbo", f"hydra.run.dir={tmp_path / 'run'}",
-                        returncode=1, env=offline)
+    result = pcpo_train(tmp_path / "mlflow.db", f"algorithm={algorithm}", "model=sd_turbo",
+                        f"hydra.run.dir={tmp_path / 'run'}", returncode=1, env=offline)
     errors = [line for line in result.stderr.splitlines() if line.startswith("pcpo-train:")]
     assert len(errors) == 1
     assert errors[0].startswith("pcpo-train: Cannot load the scheduler of model 'stabilityai/sd-turbo'")

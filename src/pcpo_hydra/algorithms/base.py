@@ -47,6 +47,9 @@ class Algorithm(Protocol):
     def advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         """Tensor[N]: one advantage per sample of the epoch, all ranks' N samples in their global order.
 
+        Tensor[N, K] (one per stored step) when the algorithm's own `score` gives per-step rewards
+        (below, "Optional members"); `rewards` then has that shape too.
+
         Samples of one prompt's group are consecutive. A NaN or inf reward is a failed reward call
         and must not train. Every rank gets the same call and must return the same values.
         """
