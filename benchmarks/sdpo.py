@@ -5,7 +5,9 @@ arm fine-tunes the same model from the same seed on the same prompts, images per
 sampler (DDIM, eta 1, `sampler.num_steps` trailing timesteps); every `--eval-every` epochs the policy
 samples held-out prompts with fixed noise, deterministically (DDIM eta 0), at each of `--eval-steps`
 step counts, and the training reward scores them. Arms differ only in `algorithm=`; SDPO trains one
-step slot at a time as its reference does (train.steps_per_forward=1).
+step slot at a time as its reference does (train.steps_per_forward=1), so it takes train.num_updates
+optimizer steps per slot where GRPO and PCPO take them per epoch; `sdpo_one_slot` trains every step
+in one slot, with GRPO's optimizer steps per epoch.
 
     python benchmarks/sdpo.py --seeds 0 1 2 --epochs 40                     # tiny_sd_turbo, jpeg compressibility
     python benchmarks/sdpo.py --seeds 0 --epochs 2 --eval-every 1 hardware.num_threads=1   # a smoke run
@@ -39,6 +41,8 @@ ARMS = {
     "grpo": ["algorithm=grpo"],
     "pcpo": ["algorithm=pcpo"],
     "sdpo": ["algorithm=sdpo", "train.steps_per_forward=1"],
+    # every step in one slot: as many optimizer steps per epoch as GRPO's, to tell the objective from the schedule
+    "sdpo_one_slot": ["algorithm=sdpo", "train.steps_per_forward=${sampler.num_steps}"],
 }
 BASE = ["model=tiny_sd_turbo", "checkpoint_every=0", "log_images_every=0", "eval=holdout",
         f"logger.experiment_name={EXPERIMENT}"]
