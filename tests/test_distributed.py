@@ -117,6 +117,35 @@ def initial_weights(compose_cfg) -> dict[str, torch.Tensor]:
     return build(compose_cfg(*TINY).model).network.state_dict()
 
 
+# One process with 4 prompts, or two ZeRO-2 ranks with 2 each: the same epoch, split differently.
+ONE_AND_ZERO2 = {"one": ["hardware=cpu", "hardware.num_threads=1", "rollout.prompts_per_epoch=4"],
+                 "zero2": ["hardware=cpu2_zero2", "rollout.prompts_per_epoch=2"]}
+
+
+def weight_updates(compose_cfg, tmp_path: Path, runs: dict[str, list[str]], common: list[str],
+                   env: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Train each run (the ZeRO-3 one under torchrun); its final weights minus the initial ones, flattened."""
+    for name, overrides in runs.items():
+        (tmp_path / name).mkdir()
+        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run",
+                            env=env, launcher=TORCHRUN if name == "zero3" else None)
+        assert result.returncode == 0, result.stderr[-4000:]
+    initial = initial_weights(compose_cfg)
+    return {name: torch.cat([(final_weights(tmp_path / name / "run")[k] - initial[k]).flatten() for k in initial])
+            for name in runs}
+
+
+def relative_difference(moved: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((moved - reference).norm() / reference.norm()).item()
+
+
+def run_metrics(store: Path) -> dict[str, float]:
+    """The last value of every metric of the store's one run."""
+    client = MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+    return run.data.metrics
+
+
 @pytest.mark.integration
 def test_zero2_and_zero3_on_two_ranks_match_one_process_with_twice_the_batch(compose_cfg, tmp_path: Path) -> None:
     """Two updates: 2 ranks x 2 prompts under ZeRO-2 and ZeRO-3 reach the weights of 1 process x 4 prompts.
@@ -130,27 +159,34 @@ def test_zero2_and_zero3_on_two_ranks_match_one_process_with_twice_the_batch(com
     """
     common = ["epochs=1", "train.inner_epochs=2", "train.num_updates=1", "train.timestep_fraction=1.0",
               "checkpoint_every=0", "optim.lr=1e-2", "optim.eps=1.0", "train.max_grad_norm=1e9"]
-    runs = {
-        "one": ["hardware=cpu", "hardware.num_threads=1", "rollout.prompts_per_epoch=4"],
-        "zero2": ["hardware=cpu2_zero2", "rollout.prompts_per_epoch=2"],
-        "zero3": ["hardware=cpu2_zero2", "hardware.deepspeed.stage=3", "rollout.prompts_per_epoch=2"],
-    }
-    for name, overrides in runs.items():
-        (tmp_path / name).mkdir()
-        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run",
-                            launcher=TORCHRUN if name == "zero3" else None)
-        assert result.returncode == 0, result.stderr[-4000:]
-
-    initial = initial_weights(compose_cfg)
-    moved = {name: torch.cat([(final_weights(tmp_path / name / "run")[k] - initial[k]).flatten() for k in initial])
-             for name in runs}
+    zero3 = ["hardware=cpu2_zero2", "hardware.deepspeed.stage=3", "rollout.prompts_per_epoch=2"]
+    moved = weight_updates(compose_cfg, tmp_path, {**ONE_AND_ZERO2, "zero3": zero3}, common)
     assert moved["one"].abs().max() > 1e-3  # the weights did train
     for sharded in ("zero2", "zero3"):
         assert reward_history(tmp_path / sharded / "mlflow.db") == pytest.approx(
             reward_history(tmp_path / "one" / "mlflow.db"), rel=1e-6)
-        relative = ((moved[sharded] - moved["one"]).norm() / moved["one"].norm()).item()
+        relative = relative_difference(moved[sharded], moved["one"])
         print(f"{sharded} x 2 vs 1 process: relative difference of the updates {relative:.2e}")
         assert relative < 1e-4  # measured ~1e-5 (float summation order); a 2x gradient scale error gives 0.5
+
+
+@pytest.mark.integration
+def test_sdpo_on_two_zero2_ranks_matches_one_process_slot_by_slot(compose_cfg, tmp_path: Path) -> None:
+    """SDPO steps the optimizer once per step slot: 3 slots x 2 inner epochs, the same 6 steps on both layouts.
+
+    DeepSpeed accumulates over the count `build.accumulation_steps` gives it; were SDPO's (one slot's
+    micro-batches) wrong, its engine would step at other boundaries than the loop's and the weights
+    would part. Every pair trains step j in slot j (shuffle_timestep=false), so both layouts take
+    the same gradient at each step; AdamW with a large eps is a plain gradient step, as above.
+    """
+    common = ["algorithm=sdpo", "algorithm.shuffle_timestep=false", "epochs=1", "train.inner_epochs=2",
+              "train.num_updates=1", "train.steps_per_forward=1", "checkpoint_every=0", "optim.lr=1e-2",
+              "optim.eps=1.0", "train.max_grad_norm=1e9"]
+    moved = weight_updates(compose_cfg, tmp_path, ONE_AND_ZERO2, common)
+    assert moved["one"].abs().max() > 1e-4
+    assert relative_difference(moved["zero2"], moved["one"]) < 1e-4
+    for name in ONE_AND_ZERO2:  # 3 slots x 2 inner epochs, on every rank
+        assert run_metrics(tmp_path / name / "mlflow.db")["train/num_updates"] == 6
 
 
 FAIL_ON_RANK_1 = '''
@@ -285,25 +321,14 @@ def test_dropping_every_group_of_one_zero2_rank_trains_as_one_process_does(compo
     """
     common = ["epochs=1", "train.inner_epochs=2", "train.num_updates=1", "checkpoint_every=0", "optim.lr=1e-2",
               "optim.eps=1.0", "train.max_grad_norm=1e9", "rollout.drop_flat_groups=true"]
-    runs = {"one": ["hardware=cpu", "hardware.num_threads=1", "rollout.prompts_per_epoch=4"],
-            "zero2": ["hardware=cpu2_zero2", "rollout.prompts_per_epoch=2"]}
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(FLAT_SECOND_HALF)
     pythonpath = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
-    for name, overrides in runs.items():
-        (tmp_path / name).mkdir()
-        result = pcpo_train(tmp_path / name, *common, *overrides, f"hydra.run.dir={tmp_path / name}/run",
-                            env={"PYTHONPATH": pythonpath})
-        assert result.returncode == 0, result.stderr[-4000:]
-
-    initial = initial_weights(compose_cfg)
-    moved = {name: torch.cat([(final_weights(tmp_path / name / "run")[k] - initial[k]).flatten() for k in initial])
-             for name in runs}
+    moved = weight_updates(compose_cfg, tmp_path, ONE_AND_ZERO2, common, env={"PYTHONPATH": pythonpath})
     assert moved["one"].abs().max() > 1e-3
-    relative = ((moved["zero2"] - moved["one"]).norm() / moved["one"].norm()).item()
+    relative = relative_difference(moved["zero2"], moved["one"])
     assert relative < 1e-4, relative
-    for name in runs:
-        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
-        (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
-        assert run.data.metrics["rollout/flat_groups"] == 2  # of 4
-        assert run.data.metrics["train/num_updates"] == 2  # one per inner epoch, on every rank
+    for name in ONE_AND_ZERO2:
+        metrics = run_metrics(tmp_path / name / "mlflow.db")
+        assert metrics["rollout/flat_groups"] == 2  # of 4
+        assert metrics["train/num_updates"] == 2  # one per inner epoch, on every rank
