@@ -39,7 +39,7 @@ def test_the_holdout_is_evenly_spaced_disjoint_from_training_and_the_same_each_t
     (["+eval.rewards.extra={_target_: nope}"], "eval.rewards.extra._target_='nope': must be one of"),
     (["+reward@eval.rewards.aes=aesthetic", "eval.rewards.aes.batch_size=0"],
      "eval.rewards.aes.batch_size=0: must be a number > 0"),
-    (["+eval.sampler={_target_: pcpo_hydra.samplers.build_ddim_sampler, num_steps: 0, eta: 1.0}"],
+    (["+eval.sampler={_target_: pcpo_hydra.samplers.build_ddim_sampler, num_steps: 0, eta: 1.0, sde_window: null}"],
      "eval.sampler.num_steps=0: must be a number > 0"),
 ])
 def test_a_bad_eval_key_is_one_line_naming_it(compose_cfg, overrides: list[str], expected: str) -> None:
