@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from pcpo_hydra.checkpoint import save_checkpoint
 from pcpo_hydra.ema import AveragingOptimizer, WeightAverage
 from pcpo_hydra.preemption import Preempted, StopSignals
 from pcpo_hydra.rank_layout import RankLayout
+from pcpo_hydra.rewards.base import latest_answers
 from pcpo_hydra.rollout import Trajectories, sample_trajectories
 from pcpo_hydra.samplers.window import SDEWindow
 from pcpo_hydra.tracker import Tracker
@@ -102,6 +104,7 @@ class Trainer:
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.timings: dict[str, float] = {}
         self.window = SDEWindow.from_config(cfg.get("sampler"), cfg.seed)
+        self.answers: list[tuple[str, str, float]] = []  # a text-reading reward's answers of this epoch
 
     # ------------------------------------------------------------------------------- state
 
@@ -181,6 +184,7 @@ class Trainer:
             rewards, traj.extras["reward_parts"] = score_rollouts(
                 self.parts.algorithm, traj, self.parts.model, sampler, self.parts.reward, self.cfg.rollout.batch_size
             )
+            self.answers = latest_answers(self.parts.reward)  # before an evaluation calls the reward again
             rewards = rewards.to(device=traj.latents.device, dtype=torch.float32)
             if rewards.dim() == 2:
                 traj.extras["step_rewards"] = rewards
@@ -312,6 +316,9 @@ class Trainer:
             shown = slice(0, GRID_IMAGES)
             captions = [f"{p} | {r:.3g}" for p, r in zip(traj.prompts[shown], traj.rewards[shown].tolist())]
             self.tracker.log_image_grid(traj.images[shown].float().cpu(), captions, step=epoch)
+        if self.answers:  # what a text-reading reward read in the epoch's images, as an MLflow table file
+            table = {"columns": ["prompt", "answer", "score"], "data": [list(row) for row in self.answers[:GRID_IMAGES]]}
+            self.tracker.log_text(json.dumps(table, indent=1), f"reward_answers/epoch_{epoch:05d}.json")
         self.tracker.log_metrics(metrics, step=epoch)
 
     def maybe_checkpoint(self, epoch: int) -> None:

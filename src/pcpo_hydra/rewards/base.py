@@ -76,3 +76,8 @@ def validate_inputs(images: Tensor, prompts: list[str]) -> None:
     low, high = images.min().item(), images.max().item()
     if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
         raise ValueError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+
+
+def latest_answers(reward: object) -> list[tuple[str, str, float]]:
+    """(prompt, answer, score) of each image of a text-reading reward's latest call (vlm_bertscore); else []."""
+    return list(getattr(reward, "answers", []))

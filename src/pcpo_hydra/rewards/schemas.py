@@ -122,3 +122,18 @@ class RemoteRewardSchema:
     backoff_s: float = checked(at_least(0.0))
     batch_size: int = checked(positive())
     health_wait_s: Optional[float] = checked(at_least(0.0))  # null: the server is not asked before use
+
+
+@register("reward")
+@dataclass
+class VLMBertScoreSchema(PretrainedSchema, RewardModelSchema):
+    """A VLM's answer about each image, scored by BERTScore against the prompt (rewards/vlm_bertscore.py)."""
+
+    _target_: str = "pcpo_hydra.rewards.vlm_bertscore.VLMBertScore"
+    question: str = MISSING
+    reference: str = checked(Constraint(lambda v: "{prompt}" in v, "a text containing {prompt}"))
+    max_new_tokens: int = checked(positive())
+    jpeg_quality: Optional[int] = checked(interval(1, 100))
+    bertscore_model: str = MISSING
+    bertscore_layer: int = checked(at_least(0))
+    score: str = checked(one_of("precision", "recall", "f1"))
