@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pcpo_hydra.rewards.vlm_bertscore import BertScorer, VLMAnswerer, VLMBertScore, jpeg_roundtrip
+from pcpo_hydra.rewards.vlm import VLMAnswerer, jpeg_roundtrip
+from pcpo_hydra.rewards.vlm_bertscore import BertScorer, VLMBertScore
 from pcpo_hydra.weights import ModelLoadError, WeightsFor
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "image", "contains", "a", "cat", "dog", "riding",
@@ -123,11 +124,12 @@ def random_images(count: int, side: int = 32) -> torch.Tensor:
 def test_the_vlm_answers_greedily_the_same_alone_or_in_a_left_padded_batch(tiny_vlm: Path) -> None:
     from pcpo_hydra.images import to_pil
 
-    answerer = VLMAnswerer(str(tiny_vlm), None, QUESTION, 8, "cpu", "float32", VLM_OWNER)
+    answerer = VLMAnswerer(str(tiny_vlm), None, 8, "cpu", "float32", VLM_OWNER)
     images = to_pil(random_images(2)) + to_pil(random_images(1, side=48))  # a larger one: more image tokens
-    batched = answerer(images)
-    assert batched == answerer(images)  # greedy: the same answers every time
-    assert batched == [answerer([image])[0] for image in images]
+    questions = [QUESTION, QUESTION, "Hi?"]  # a shorter question: more left padding
+    batched = answerer(images, questions)
+    assert batched == answerer(images, questions)  # greedy: the same answers every time
+    assert batched == [answerer([image], [question])[0] for image, question in zip(images, questions)]
     assert all(answer for answer in batched) and len(set(batched)) > 1  # the answer depends on the image
 
 
@@ -138,7 +140,7 @@ def test_the_reward_is_the_bertscore_of_the_vlms_answers_about_the_jpeg_images(t
                           bertscore_layer=2, batch_size=2)
     images, prompts = random_images(3), ["a cat riding a bike", "a dog", "a red car"]
     scores = reward(images, prompts)
-    answers = reward.answerer([jpeg_roundtrip(image, 80) for image in to_pil(images)])
+    answers = reward.answerer([jpeg_roundtrip(image, 80) for image in to_pil(images)], [QUESTION] * 3)
     expected = BertScorer(str(tiny_encoder), 2, "cpu", OWNER)(answers, [f"The image contains {p}" for p in prompts])
     assert torch.allclose(scores, expected["recall"], atol=1e-6)
     assert reward.answers == list(zip(prompts, answers, scores.tolist()))  # what it read, for the run's table
@@ -157,7 +159,7 @@ def test_a_vlm_with_a_missing_tensor_is_refused_naming_the_key(tiny_vlm: Path, t
     weights.pop(next(k for k in weights if "visual" in k))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"reward\.pretrained"):
-        VLMAnswerer(str(broken), None, QUESTION, 8, "cpu", "float32", VLM_OWNER)
+        VLMAnswerer(str(broken), None, 8, "cpu", "float32", VLM_OWNER)
 
 
 @pytest.mark.integration

@@ -49,11 +49,15 @@ def tiny_qwen_tokenizer() -> Qwen2Tokenizer:
     )
 
 
-def save_tiny_qwen25_vl(folder: Path, seed: int = 0) -> Path:
+PRINTABLE = "".join(chr(c) for c in range(ord(" "), ord("~") + 1))
+
+
+def save_tiny_qwen25_vl(folder: Path, seed: int = 0, answer_chars: str = PRINTABLE) -> Path:
     """Save a seeded random 2+2-layer Qwen2.5-VL (model, processor, greedy generation config) to `folder`.
 
-    The lm_head rows of all but the 95 printable ASCII characters are zeroed, so greedy answers run to
-    max_new_tokens in readable text: random weights could emit <|im_end|> first, or half a UTF-8 character.
+    The lm_head rows of all but the `answer_chars` (default: the 95 printable ASCII characters) are
+    zeroed, so greedy answers run to max_new_tokens in readable text: random weights could emit
+    <|im_end|> first, or half a UTF-8 character. Digits alone make a judge that always answers a number.
     """
     tokenizer = tiny_qwen_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
@@ -77,9 +81,10 @@ def save_tiny_qwen25_vl(folder: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-    printable = [len(s := tokenizer.decode([i])) == 1 and " " <= s <= "~" for i in range(len(tokenizer))]
+    allowed = [tokenizer.decode([i]) in answer_chars and len(tokenizer.decode([i])) == 1
+                 for i in range(len(tokenizer))]
     with torch.no_grad():
-        model.lm_head.weight[~torch.tensor(printable)] = 0.0
+        model.lm_head.weight[~torch.tensor(allowed)] = 0.0
     model.generation_config = GenerationConfig(
         do_sample=False, eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], bos_token_id=ids[ENDOFTEXT],
     )

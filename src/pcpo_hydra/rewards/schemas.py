@@ -137,3 +137,22 @@ class VLMBertScoreSchema(PretrainedSchema, RewardModelSchema):
     bertscore_model: str = MISSING
     bertscore_layer: int = checked(at_least(0))
     score: str = checked(one_of("precision", "recall", "f1"))
+
+
+@register("reward")
+@dataclass
+class VLMJudgeSchema(PretrainedSchema, RewardModelSchema):
+    """A VLM's numeric rating of each image against its prompt (rewards/vlm_judge.py)."""
+
+    _target_: str = "pcpo_hydra.rewards.vlm_judge.VLMJudge"
+    template: str = checked(Constraint(lambda v: "{prompt}" in v, "a text containing {prompt}"))
+    low: int = MISSING
+    high: int = MISSING
+    max_new_tokens: int = checked(positive())
+    jpeg_quality: Optional[int] = checked(interval(1, 100))
+
+    def relations(self, prefix: str) -> Iterator[str]:
+        """A scale runs upwards."""
+        if not self.low < self.high:
+            yield f"{prefix}.low={self.low}: must be below {prefix}.high={self.high}"
+

@@ -1,12 +1,11 @@
-"""VLM-BERTScore: a vision-language model answers a question about each image, and BERTScore says how
-well its answer matches the image's prompt.
+"""VLM-BERTScore: a VLM answers a question about each image, and BERTScore says how well its answer
+matches the image's prompt.
 
 DDPO's "LLaVA BERTScore" reward (Black et al., 2023; their LLaVA server): the question "Answer
 concisely: what is going on in this image?", the reference "The image contains <prompt>", images sent
 as JPEGs of quality 80, and the BERTScore recall of the answer against the reference with
 microsoft/deberta-xlarge-mnli at layer 40 (the bert-score package's choice for that encoder), no IDF
-weights, no baseline rescaling. The PCPO paper replaces LLaVA with Qwen2.5-VL-3B-Instruct; any chat
-VLM whose processor has a chat template loads (`reward.pretrained`). Decoding is greedy.
+weights, no baseline rescaling. The PCPO paper replaces LLaVA with Qwen2.5-VL-3B-Instruct.
 
 BERTScore itself is the bert-score package's (its authors' code, what DDPO's server ran):
 torchmetrics' BERTScore gives different scores on the same encoder, so it is not used.
@@ -14,69 +13,16 @@ torchmetrics' BERTScore gives different scores on the same encoder, so it is not
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from typing import Any, Literal
 
-import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from pcpo_hydra.images import to_pil
-from pcpo_hydra.rewards.base import BaseReward
+from pcpo_hydra.rewards.vlm import VLMReward, concrete_class
 from pcpo_hydra.weights import WeightsFor, check_source, load_component
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-VLM_LAYOUT = "a folder saved with save_pretrained holding the VLM and its processor (with a chat template)"
 ENCODER_LAYOUT = "a folder saved with save_pretrained holding the encoder and its tokenizer"
 Score = Literal["precision", "recall", "f1"]
-
-
-def concrete_class(auto: Any, pretrained: str, revision: str | None, owner: WeightsFor) -> type[nn.Module]:
-    """The model class an Auto class would build for this checkpoint, so `load_component` can check its weights.
-
-    An Auto class is no nn.Module, and transformers fills missing weights at random with a warning;
-    loading through the concrete class lets the loader refuse an incomplete checkpoint.
-    """
-    from transformers import AutoConfig
-
-    config = load_component(AutoConfig, pretrained, "", revision, owner)
-    return auto._model_mapping[type(config)]
-
-
-def jpeg_roundtrip(image: Image.Image, quality: int | None) -> Image.Image:
-    """The image as a JPEG of `quality` decodes (None: unchanged), what DDPO's server received."""
-    if quality is None:
-        return image
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-class VLMAnswerer:
-    """A chat VLM answering one fixed question about each image, greedily, a batch per `generate` call."""
-
-    def __init__(self, pretrained: str, revision: str | None, question: str, max_new_tokens: int,
-                 device: str, dtype: str, owner: WeightsFor) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        check_source(pretrained, revision, owner)
-        self.processor = load_component(AutoProcessor, pretrained, "", revision, owner)
-        self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
-        model_class = concrete_class(AutoModelForImageTextToText, pretrained, revision, owner)
-        self.model = load_component(model_class, pretrained, "", revision, owner)
-        self.model = self.model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, images: list[Image.Image]) -> list[str]:
-        """One answer per image (special tokens and surrounding whitespace removed)."""
-        inputs = self.processor(text=[self.prompt] * len(images), images=images, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
-        generated = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
-        answers = self.processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [answer.strip() for answer in answers]
 
 
 class LayerOutput(nn.Module):
@@ -125,12 +71,8 @@ class BertScorer:
         return {"precision": scores[:, 0], "recall": scores[:, 1], "f1": scores[:, 2]}
 
 
-class VLMBertScore(BaseReward):
-    """BERTScore (`score`: recall, precision or f1) of a VLM's answer about each image against its prompt.
-
-    `answers` holds (prompt, answer, score) of every image of the latest call: what the VLM read,
-    which the trainer logs each epoch (rewards.base.latest_answers).
-    """
+class VLMBertScore(VLMReward):
+    """BERTScore (`score`: recall, precision or f1) of a VLM's answer about each image against its prompt."""
 
     name = "vlm_bertscore"
 
@@ -149,21 +91,14 @@ class VLMBertScore(BaseReward):
         device: str = "cpu",
         dtype: str = "float32",
     ) -> None:
-        super().__init__(batch_size)
-        vlm = WeightsFor(f"reward {self.name!r}", "reward.pretrained", VLM_LAYOUT)
+        super().__init__(pretrained, revision, max_new_tokens, jpeg_quality, batch_size, device, dtype)
         encoder = WeightsFor(f"reward {self.name!r}", "reward.bertscore_model", ENCODER_LAYOUT)
-        self.answerer = VLMAnswerer(pretrained, revision, question, max_new_tokens, device, dtype, vlm)
         self.bertscore = BertScorer(bertscore_model, bertscore_layer, device, encoder)
-        self.reference, self.jpeg_quality, self.score_name = reference, jpeg_quality, score
-        self.answers: list[tuple[str, str, float]] = []
+        self.fixed_question, self.reference, self.score_name = question, reference, score
 
-    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        self.answers = []
-        return super().__call__(images, prompts)
+    def question(self, prompt: str) -> str:
+        return self.fixed_question
 
-    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        answers = self.answerer([jpeg_roundtrip(image, self.jpeg_quality) for image in to_pil(images)])
+    def rate(self, prompts: list[str], answers: list[str]) -> Tensor:
         references = [self.reference.format(prompt=prompt) for prompt in prompts]
-        scores = self.bertscore(answers, references)[self.score_name]
-        self.answers += zip(prompts, answers, scores.tolist())
-        return scores
+        return self.bertscore(answers, references)[self.score_name]
