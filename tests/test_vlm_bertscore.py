@@ -77,18 +77,22 @@ def test_a_layer_the_encoder_lacks_is_refused_by_key(tiny_encoder: Path) -> None
         BertScorer(str(tiny_encoder), 4, "cpu", OWNER)
 
 
-def test_an_encoder_with_a_missing_tensor_is_refused_naming_the_key(tiny_encoder: Path, tmp_path: Path) -> None:
+def without_a_tensor(folder: Path, into: Path, part: str) -> Path:
+    """A copy of a checkpoint folder whose weights lack the first tensor whose name holds `part`."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_encoder, broken)
-    weights = load_file(broken / "model.safetensors")
-    weights.pop(next(k for k in weights if "encoder.layer.1" in k))
-    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(folder, into)
+    weights = load_file(into / "model.safetensors")
+    weights.pop(next(k for k in weights if part in k))
+    save_file(weights, into / "model.safetensors", metadata={"format": "pt"})
+    return into
+
+
+def test_an_encoder_with_a_missing_tensor_is_refused_naming_the_key(tiny_encoder: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"reward\.bertscore_model"):
-        BertScorer(str(broken), 2, "cpu", OWNER)
+        BertScorer(str(without_a_tensor(tiny_encoder, tmp_path / "broken", "encoder.layer.1")), 2, "cpu", OWNER)
 
 
 def test_the_jpeg_roundtrip_is_pils_at_that_quality() -> None:
@@ -149,17 +153,8 @@ def test_the_reward_is_the_bertscore_of_the_vlms_answers_about_the_jpeg_images(t
 
 
 def test_a_vlm_with_a_missing_tensor_is_refused_naming_the_key(tiny_vlm: Path, tmp_path: Path) -> None:
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_vlm, broken)
-    weights = load_file(broken / "model.safetensors")
-    weights.pop(next(k for k in weights if "visual" in k))
-    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"reward\.pretrained"):
-        VLMAnswerer(str(broken), None, 8, "cpu", "float32", VLM_OWNER)
+        VLMAnswerer(str(without_a_tensor(tiny_vlm, tmp_path / "broken", "visual")), None, 8, "cpu", "float32", VLM_OWNER)
 
 
 @pytest.mark.integration
