@@ -178,3 +178,35 @@ def test_pcpo_train_with_reward_vlm_bertscore_logs_finite_rewards(tiny_vlm, tiny
     assert table["columns"] == ["prompt", "answer", "score"] and len(table["data"]) == 8  # 2 prompts x 4
     assert all(len(answer) == 4 and 0.0 < score <= 1.0 for _, answer, score in table["data"])
     assert sum(score for *_, score in table["data"]) / 8 == pytest.approx(rewards[-1], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_pcpo_train_scores_vlm_bertscore_through_the_reward_server(tiny_vlm, tiny_encoder, tmp_path) -> None:
+    """The VLM on its own process (the paper's separate VLM GPU): pcpo-reward-server, then reward=remote."""
+    from mlflow import MlflowClient
+
+    from pcpo_hydra.images import from_uint8, to_uint8
+    from pcpo_hydra.rewards.remote import RemoteReward
+    from test_remote_reward import ServerProcess
+    from test_training import pcpo_train
+
+    reward_keys = [f"reward.pretrained={tiny_vlm}", f"reward.bertscore_model={tiny_encoder}",
+                   "reward.bertscore_layer=2", "reward.max_new_tokens=4"]
+    server = ServerProcess(tmp_path, "reward=vlm_bertscore", *reward_keys, "server.max_wait_ms=100")
+    try:
+        server.start()
+        batch, prompts = random_images(5), ["a cat", "a dog", "a bike", "a red car", "a mat"]
+        remote = RemoteReward(server.url, batch_size=2)(batch, prompts)  # three requests: 2 + 2 + 1
+        sent = from_uint8(to_uint8(batch))  # what the wire carries: 8-bit pixels
+        local = VLMBertScore(pretrained=str(tiny_vlm), max_new_tokens=4, bertscore_model=str(tiny_encoder),
+                             bertscore_layer=2)(sent, prompts)
+        assert torch.allclose(remote, local, atol=1e-6)
+        store = tmp_path / "mlflow.db"
+        pcpo_train(store, "reward=remote", f"reward.url={server.url}", "epochs=1", "checkpoint_every=0",
+                   f"hydra.run.dir={tmp_path / 'run'}", f"text_cache_dir={tmp_path / 'cache'}")
+    finally:
+        server.stop()
+    client = MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["rollout/reward_nonfinite"] == 0
+    assert 0.0 < run.data.metrics["rollout/reward_mean"] <= 1.0
