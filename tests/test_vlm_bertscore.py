@@ -14,8 +14,6 @@ from pcpo_hydra.rewards.vlm import VLMAnswerer, jpeg_roundtrip
 from pcpo_hydra.rewards.vlm_bertscore import BertScorer, VLMBertScore
 from pcpo_hydra.weights import ModelLoadError, WeightsFor
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "image", "contains", "a", "cat", "dog", "riding",
-         "bike", "is", "sitting", "on", "mat", "what", "going", "red", "car"]
 CANDIDATES = ["a cat riding a bike", "the dog", "dog dog dog", "a red car on a mat"]
 REFERENCES = ["the image contains a cat riding a bike", "the image contains a cat", "a cat",
               "the image contains a red car"]
@@ -24,17 +22,9 @@ OWNER = WeightsFor("reward 'vlm_bertscore'", "reward.bertscore_model", "a folder
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-layer BERT with a word-level vocabulary, random weights, saved as a checkpoint folder."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from tiny_vlm import save_tiny_bert
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}, model_max_length=64).save_pretrained(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=64)
-        BertModel(config).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def test_bertscore_equals_the_bert_score_packages_own_scorer(tiny_encoder: Path) -> None:

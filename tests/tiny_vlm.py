@@ -1,7 +1,9 @@
-"""A tiny Qwen2.5-VL chat VLM built in code: the real transformers classes at toy sizes, seeded weights.
+"""A tiny Qwen2.5-VL chat VLM and a tiny BERT encoder built in code: the real transformers classes at toy
+sizes, seeded weights.
 
-Saved with save_pretrained, it loads back through the generic loaders a VLM reward uses
-(AutoProcessor / AutoModelForImageTextToText), so such a reward runs end to end on a CPU, no download.
+Saved with save_pretrained, they load back through the generic loaders the VLM rewards use
+(AutoProcessor / AutoModelForImageTextToText, AutoTokenizer / AutoModel), so those rewards run end
+to end on a CPU, no download. benchmarks/vlm_rewards.py times them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pcpo_hydra  # noqa: F401  first: its torchvision shim, which Qwen's video
 import torch
 from tokenizers import pre_tokenizers
 from transformers import (
-    GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+    BertConfig, BertModel, BertTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
     Qwen2Tokenizer, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor,
 )
 
@@ -100,3 +102,19 @@ def save_tiny_qwen25_vl(folder: Path, seed: int = 0, answer_chars: str = PRINTAB
     Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                         chat_template=CHAT_TEMPLATE).save_pretrained(folder)
     return folder
+
+
+ENCODER_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "image", "contains", "a", "cat", "dog",
+                 "riding", "bike", "is", "sitting", "on", "mat", "what", "going", "red", "car"]
+
+
+def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A seeded 3-layer BERT with a word-level vocabulary (ENCODER_WORDS), saved as a checkpoint folder."""
+    BertTokenizer(vocab={w: i for i, w in enumerate(ENCODER_WORDS)}, model_max_length=64).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(ENCODER_WORDS), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=64)
+        BertModel(config).save_pretrained(folder)
+    return folder
+
