@@ -85,3 +85,34 @@ def test_pcpo_train_with_reward_vlm_judge_counts_unrated_images_and_trains_on(di
     assert run.data.metrics["rollout/reward_nonfinite"] == unrated
     rated = [score for _, answer, score in rows if answer != "0"]
     assert rated and run.data.metrics["rollout/reward_mean"] == pytest.approx(sum(rated) / len(rated), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_the_judge_served_by_pcpo_reward_server_rates_as_in_process_nan_included(digit_vlm: Path, tmp_path) -> None:
+    from pcpo_hydra.images import from_uint8, to_uint8
+    from pcpo_hydra.rewards.remote import RemoteReward
+    from test_remote_reward import ServerProcess
+
+    server = ServerProcess(tmp_path, "reward=vlm_judge", f"reward.pretrained={digit_vlm}", "reward.max_new_tokens=1",
+                           "reward.high=9")
+    batch, prompts = images(6), ["a cat", "a dog", "a bike", "a red car", "a mat", "a cat"]
+    try:
+        server.start()
+        remote = RemoteReward(server.url, batch_size=4)(batch, prompts)
+    finally:
+        server.stop()
+    local = VLMJudge(pretrained=str(digit_vlm), max_new_tokens=1, high=9)(from_uint8(to_uint8(batch)), prompts)
+    assert torch.equal(remote.isnan(), local.isnan())
+    assert torch.equal(remote[~remote.isnan()], local[~local.isnan()])
+
+
+def test_offline_without_the_vlm_the_run_stops_in_one_line_naming_it(tmp_path: Path) -> None:
+    from test_training import pcpo_train
+
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = pcpo_train(tmp_path / "mlflow.db", "reward=vlm_judge", f"hydra.run.dir={tmp_path / 'run'}",
+                        returncode=1, env=offline)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pcpo-train:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith("pcpo-train: Cannot load reward 'vlm_judge' 'Qwen/Qwen2.5-VL-3B-Instruct'")
+    assert "reward.pretrained=<local path>" in errors[0]
