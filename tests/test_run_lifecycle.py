@@ -89,17 +89,24 @@ class CallOrder:
     def log_image_grid(self, images, captions, step: int) -> None:
         self.calls.append(("grid", step))
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.calls.append(("answers", int(artifact_file.removesuffix(".json").rsplit("_", 1)[1])))
+
 
 def test_an_epochs_grid_is_logged_before_its_metrics_so_a_kill_between_them_loses_neither() -> None:
-    """Resume re-logs epochs after the last logged reward: a grid logged first is at worst repeated."""
+    """Resume re-logs epochs after the last logged reward: a grid (and a VLM reward's answers) logged first is
+    at worst repeated."""
     tracker = CallOrder()
     trainer = SimpleNamespace(
         accelerator=SimpleNamespace(is_main_process=True), tracker=tracker, logged_through=1,
         cfg=SimpleNamespace(epochs=3, log_images_every=1),
         timings={"epoch": 1.0, "rollout": 0.5, "reward": 0.1, "update": 0.4},
+        answers=[],
     )
     traj = SimpleNamespace(prompts=["a cat"] * 2, rewards=torch.zeros(2), images=torch.zeros(2, 3, 8, 8))
     metrics = {"rollout/reward_mean": 0.0, "rollout/reward_std": 0.0}
     for epoch in (1, 2, 3):
+        trainer.answers = [("a cat", "a cat", 0.9)] if epoch == 3 else []  # a text-reading reward's, from epoch 3
         Trainer.log_epoch(trainer, epoch, metrics, traj)
-    assert tracker.calls == [("grid", 2), ("metrics", 2), ("grid", 3), ("metrics", 3)]  # epoch 1 was logged before
+    # epoch 1 was logged before
+    assert tracker.calls == [("grid", 2), ("metrics", 2), ("grid", 3), ("answers", 3), ("metrics", 3)]
