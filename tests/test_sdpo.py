@@ -249,6 +249,8 @@ def test_pcpo_train_with_sdpo_on_the_tiny_few_step_model_raises_the_final_reward
 
     from mlflow import MlflowClient
 
+    from test_training import only_run
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     epochs = 30
     result = subprocess.run(
@@ -259,7 +261,7 @@ def test_pcpo_train_with_sdpo_on_the_tiny_few_step_model_raises_the_final_reward
     )
     assert result.returncode == 0, result.stderr[-4000:]
     client = MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+    _, run = only_run(client)
 
     def history(name: str) -> list[float]:
         return [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]

@@ -151,14 +151,14 @@ def test_a_vlm_with_a_missing_tensor_is_refused_naming_the_key(tiny_vlm: Path, t
 def test_pcpo_train_with_reward_vlm_bertscore_logs_finite_rewards(tiny_vlm, tiny_encoder, tmp_path) -> None:
     from mlflow import MlflowClient
 
-    from test_training import pcpo_train
+    from test_training import only_run, pcpo_train
 
     store = tmp_path / "mlflow.db"
     pcpo_train(store, "reward=vlm_bertscore", f"reward.pretrained={tiny_vlm}", f"reward.bertscore_model={tiny_encoder}",
                "reward.bertscore_layer=2", "reward.max_new_tokens=4", "epochs=2", "checkpoint_every=0",
                f"hydra.run.dir={tmp_path / 'run'}", f"text_cache_dir={tmp_path / 'cache'}")
     client = MlflowClient(f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+    _, run = only_run(client)
     rewards = [m.value for m in client.get_metric_history(run.info.run_id, "rollout/reward_mean")]
     assert len(rewards) == 2 and all(0.0 < r <= 1.0 for r in rewards)  # a BERTScore recall
     assert run.data.metrics["rollout/reward_nonfinite"] == 0 and run.data.tags["reward"] == "vlm_bertscore"
@@ -178,7 +178,7 @@ def test_pcpo_train_scores_vlm_bertscore_through_the_reward_server(tiny_vlm, tin
     from pcpo_hydra.images import from_uint8, to_uint8
     from pcpo_hydra.rewards.remote import RemoteReward
     from test_remote_reward import ServerProcess
-    from test_training import pcpo_train
+    from test_training import only_run, pcpo_train
 
     reward_keys = [f"reward.pretrained={tiny_vlm}", f"reward.bertscore_model={tiny_encoder}",
                    "reward.bertscore_layer=2", "reward.max_new_tokens=4"]
@@ -197,6 +197,6 @@ def test_pcpo_train_scores_vlm_bertscore_through_the_reward_server(tiny_vlm, tin
     finally:
         server.stop()
     client = MlflowClient(f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+    _, run = only_run(client)
     assert run.info.status == "FINISHED" and run.data.metrics["rollout/reward_nonfinite"] == 0
     assert 0.0 < run.data.metrics["rollout/reward_mean"] <= 1.0

@@ -70,14 +70,14 @@ def test_a_scale_that_does_not_run_upwards_is_refused_by_key(compose_cfg) -> Non
 def test_pcpo_train_with_reward_vlm_judge_counts_unrated_images_and_trains_on(digit_vlm: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from test_training import pcpo_train
+    from test_training import only_run, pcpo_train
 
     store = tmp_path / "mlflow.db"
     pcpo_train(store, "reward=vlm_judge", f"reward.pretrained={digit_vlm}", "reward.max_new_tokens=1",
                "reward.high=9", "epochs=2", "checkpoint_every=0", f"hydra.run.dir={tmp_path / 'run'}",
                f"text_cache_dir={tmp_path / 'cache'}")
     client = MlflowClient(f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("pcpo-hydra").experiment_id])
+    _, run = only_run(client)
     assert run.info.status == "FINISHED"
     path = client.download_artifacts(run.info.run_id, "reward_answers/epoch_00002.json", str(tmp_path))
     rows = json.loads(Path(path).read_text())["data"]

@@ -59,8 +59,6 @@ def _forwards(rows: Tensor, order: Tensor, per_forward: int) -> Iterator[tuple[T
 
 def _members(units: Tensor, steps: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """(sample rows, steps) of every member of the given units, a unit's members consecutive."""
-    if size == 1:
-        return units, steps
     rows = (units[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
     return rows, steps.repeat_interleave(size)
 

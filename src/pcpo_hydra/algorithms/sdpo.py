@@ -10,8 +10,8 @@ dense rewards, normalised per (prompt, step) with running statistics, give one a
 and the loss asks each step's difference of log-ratios within a pair (weighted lam^i) to equal
 the difference of the pair's advantages, clipped as PPO clips a ratio.
 
-The reference is the authors' code (ZiyiZhang27/sdpo, scripts/train_sdpo.py); docs/algorithms.md
-lists where this one differs. Nothing here exists in a maintained library, hence by hand.
+The reference is the authors' code (ZiyiZhang27/sdpo, scripts/train_sdpo.py); docs/design.md
+("SDPO: dense rewards and reward differences") lists where this one differs. Nothing here exists in a maintained library, hence by hand.
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ class PerStepStats:
             self._tracker(k).load_state_dict(tracker_state)
 
 
+def pair_difference(values: Tensor) -> Tensor:
+    """Tensor[B / 2]: each pair's first member's value minus its second's (rows 2j and 2j + 1)."""
+    return values[0::PAIR] - values[1::PAIR]
+
+
 class RewardDifferenceLoss:
     """SDPO's per-step objective on consecutive pairs of rows, for `update.update_policy`.
 
@@ -133,9 +138,9 @@ class RewardDifferenceLoss:
         clipped_adv = advantages.to(rho.dtype).clamp(-self.adv_clip_max, self.adv_clip_max)
         steps = torch.as_tensor(i, device=rho.device).expand(len(rho))[::PAIR].to(rho.dtype)
         weight = self.lam**steps / self.log_scale
-        gap = clipped_adv.view(-1, PAIR) @ rho.new_tensor([1.0, -1.0])
-        difference = rho.view(-1, PAIR) @ rho.new_tensor([1.0, -1.0])
-        clipped = rho.clamp(-self.clip_range, self.clip_range).view(-1, PAIR) @ rho.new_tensor([1.0, -1.0])
+        gap = pair_difference(clipped_adv)
+        difference = pair_difference(rho)
+        clipped = pair_difference(rho.clamp(-self.clip_range, self.clip_range))
         loss_plain = (weight * difference - gap) ** 2
         loss_clipped = (weight * clipped - gap) ** 2
         loss = torch.maximum(loss_plain, loss_clipped).mean()

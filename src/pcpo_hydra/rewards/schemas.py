@@ -18,6 +18,10 @@ from pcpo_hydra.models.schemas import PretrainedSchema
 from pcpo_hydra.rewards.health import RewardServerUp
 
 
+# a text the VLM rewards fill in per image: without the prompt in it, every image would be asked the same
+HOLDS_PROMPT = Constraint(lambda v: "{prompt}" in v, "a text containing {prompt}")
+
+
 @register("reward", "pcpo_hydra.rewards.jpeg.JpegCompressibility",
           "pcpo_hydra.rewards.jpeg.JpegIncompressibility")
 @dataclass
@@ -131,7 +135,7 @@ class VLMBertScoreSchema(PretrainedSchema, RewardModelSchema):
 
     _target_: str = "pcpo_hydra.rewards.vlm_bertscore.VLMBertScore"
     question: str = MISSING
-    reference: str = checked(Constraint(lambda v: "{prompt}" in v, "a text containing {prompt}"))
+    reference: str = checked(HOLDS_PROMPT)
     max_new_tokens: int = checked(positive())
     jpeg_quality: Optional[int] = checked(interval(1, 100))
     bertscore_model: str = MISSING
@@ -145,7 +149,7 @@ class VLMJudgeSchema(PretrainedSchema, RewardModelSchema):
     """A VLM's numeric rating of each image against its prompt (rewards/vlm_judge.py)."""
 
     _target_: str = "pcpo_hydra.rewards.vlm_judge.VLMJudge"
-    template: str = checked(Constraint(lambda v: "{prompt}" in v, "a text containing {prompt}"))
+    template: str = checked(HOLDS_PROMPT)
     low: int = MISSING
     high: int = MISSING
     max_new_tokens: int = checked(positive())
@@ -155,4 +159,3 @@ class VLMJudgeSchema(PretrainedSchema, RewardModelSchema):
         """A scale runs upwards."""
         if not self.low < self.high:
             yield f"{prefix}.low={self.low}: must be below {prefix}.high={self.high}"
-
